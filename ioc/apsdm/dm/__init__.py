@@ -1,0 +1,33 @@
+"""DM access: records, errors, wire format, routes, the async REST client and adapters."""
+
+from .client import DmClient
+from .config import DmConfig
+from .errors import (
+    AuthorizationError,
+    CommunicationError,
+    DmError,
+    InvalidArgument,
+    InvalidObjectState,
+    InvalidSession,
+    ObjectAlreadyExists,
+    ObjectNotFound,
+)
+from .records import Daq, Experiment, Job, Upload, Workflow
+
+__all__ = [
+    "AuthorizationError",
+    "CommunicationError",
+    "Daq",
+    "DmClient",
+    "DmConfig",
+    "DmError",
+    "Experiment",
+    "InvalidArgument",
+    "InvalidObjectState",
+    "InvalidSession",
+    "Job",
+    "ObjectAlreadyExists",
+    "ObjectNotFound",
+    "Upload",
+    "Workflow",
+]
