@@ -1,0 +1,134 @@
+"""The Channel Access server (caproto), built from the schema and fed by the hub.
+
+Each CA channel is a caproto ChannelData whose client writes go through
+:meth:`Hub.put`; the hub's posts come back through :meth:`CaServer.publish`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import Any
+
+from caproto import (
+    AccessRights,
+    AlarmSeverity,
+    AlarmStatus,
+    ChannelChar,
+    ChannelDouble,
+    ChannelEnum,
+    ChannelInteger,
+    ChannelString,
+)
+from caproto._data import SkipWrite
+from caproto.asyncio.server import Context
+
+from .hub import Alarm, Hub, PutRejected, Writer, current_writer
+from .schema import PV, Kind
+
+log = logging.getLogger(__name__)
+
+
+class _GatewayChannel:
+    """Mixin: access rights from the hub, and client writes handed to the hub."""
+
+    hub: Hub
+    pv: PV
+
+    def check_access(self, hostname: str, username: str) -> AccessRights:
+        if self.hub.may_write(self.pv, hostname, username):
+            return AccessRights.READ | AccessRights.WRITE
+        return AccessRights.READ
+
+    async def auth_write(self, hostname: str, username: str, data: Any, data_type: Any,
+                         metadata: Any, *, flags: int = 0, user_address: Any = None) -> Any:
+        token = current_writer.set(Writer("ca", hostname, username))
+        try:
+            return await super().auth_write(  # type: ignore[misc]
+                hostname, username, data, data_type, metadata, flags=flags,
+                user_address=user_address)
+        finally:
+            current_writer.reset(token)
+
+    def preprocess_value(self, value: Any) -> Any:
+        try:
+            return super().preprocess_value(value)  # type: ignore[misc]
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise PutRejected(f"{self.pv.name}: value refused ({exc})") from None
+
+    async def verify_value(self, value: Any) -> Any:
+        writer = current_writer.get() or Writer("ca", "", "")
+        await self.hub.put(self.pv.name, value, writer)
+        raise SkipWrite()  # the hub has stored and published the value already
+
+
+def _channel(pv: PV, hub: Hub) -> Any:
+    """The caproto channel for one schema PV."""
+    f = pv.field
+    if f.kind is Kind.STRING:
+        base, kw = ChannelString, {"value": ""}
+    elif f.kind is Kind.LONGSTRING:
+        base, kw = ChannelChar, {"value": "", "max_length": f.max_length,
+                                 "string_encoding": "utf-8"}
+    elif f.kind is Kind.LONG:
+        base, kw = ChannelInteger, {"value": 0, "units": f.egu}
+    elif f.kind is Kind.DOUBLE:
+        base, kw = ChannelDouble, {"value": 0.0, "units": f.egu, "precision": 2}
+    else:  # ENUM, BUSY
+        base, kw = ChannelEnum, {"value": f.enums[0], "enum_strings": list(f.enums)}
+    cls = type(f"Gateway{base.__name__}", (_GatewayChannel, base), {})
+    chan = cls(**kw)
+    chan.hub, chan.pv = hub, pv
+    return chan
+
+
+class _NoDelayContext(Context):
+    """caproto's context with TCP_NODELAY on client sockets (else 40 ms put stalls)."""
+
+    async def server_accept_loop(self, sock: socket.socket) -> None:
+        # Linux hands the listening socket's TCP_NODELAY on to every accepted socket
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await super().server_accept_loop(sock)
+
+
+class CaServer:
+    """Serves every non-PVA-only schema PV over Channel Access on the given interfaces."""
+
+    def __init__(self, hub: Hub, interfaces: list[str]) -> None:
+        self.hub = hub
+        self.channels = {pv.name: _channel(pv, hub) for pv in hub.pvs.values()
+                         if not pv.field.pva_only}
+        self.context = _NoDelayContext(self.channels, interfaces)
+        self._task: asyncio.Task[None] | None = None
+        hub.sinks.append(self)
+
+    async def start(self) -> int:
+        """Start serving; returns the TCP port once it is bound."""
+        ready = asyncio.Event()
+
+        async def startup(_async_lib: Any) -> None:
+            ready.set()
+
+        self._task = asyncio.create_task(self.context.run(startup_hook=startup))
+        await asyncio.wait([self._task, asyncio.create_task(ready.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if self._task.done():
+            self._task.result()  # raise the bind error
+        return int(self.context.port)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def publish(self, pv: PV, value: Any, alarm: Alarm, timestamp: float) -> None:
+        chan = self.channels.get(pv.name)
+        if chan is None:
+            return
+        if pv.field.kind in (Kind.ENUM, Kind.BUSY):
+            value = pv.field.enums[int(value)]
+        await chan.write(value, verify_value=False, timestamp=timestamp,
+                         status=AlarmStatus(alarm.status),
+                         severity=AlarmSeverity(alarm.severity))
+

@@ -1,0 +1,287 @@
+"""PV write -> command -> DM: the handlers behind every writable PV.
+
+Each handler checks its inputs before any DM call (so DM never sees an invalid
+argument), makes the call, and for busy commands waits on the poller until the DM
+action has ended. A refusal raises :class:`PutRejected`; the hub turns it into the
+slot's ``Message_RBV`` with an alarm and a failed put.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from apsdm.dm import DmClient, DmError
+
+from .hub import OK, Hub, PutRejected, Writer
+from .persist import Persistence
+from .poller import Poller
+from .schema import PV, STREAM_STATES, Kind
+
+log = logging.getLogger(__name__)
+
+
+def _dm_refusal(action: str, exc: DmError) -> PutRejected:
+    return PutRejected(f"{action}: {exc.message}")
+
+
+def absolute_path(label: str, path: str) -> str:
+    """A local path DM can use: absolute, no ``..``; refused with a reason otherwise."""
+    if not path:
+        raise PutRejected(f"{label} is empty")
+    if not path.startswith("/"):
+        raise PutRejected(f"{label} must be an absolute path: {path!r}")
+    if ".." in path.split("/"):
+        raise PutRejected(f"{label} must not contain '..': {path!r}")
+    return posixpath.normpath(path)
+
+
+def relative_path(label: str, path: str) -> str:
+    """A destination inside the experiment: relative, never escaping it."""
+    if path.startswith("/"):
+        raise PutRejected(f"{label} must be relative to the experiment: {path!r}")
+    if ".." in path.split("/"):
+        raise PutRejected(f"{label} must not contain '..': {path!r}")
+    return posixpath.normpath(path) if path else ""
+
+
+def json_object(label: str, text: str) -> dict[str, Any]:
+    """Parse a JSON object (``{}`` when blank); anything else is refused with why."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PutRejected(f"{label} is not valid JSON: {exc.msg} at character {exc.pos}") from None
+    if not isinstance(value, dict):
+        raise PutRejected(f"{label} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+class Commands:
+    """Registers a handler for every writable PV and carries out the DM calls."""
+
+    def __init__(self, hub: Hub, dm: DmClient, poller: Poller, persist: Persistence) -> None:
+        self.hub, self.dm, self.poller, self.persist = hub, dm, poller, persist
+        self.p = poller.p
+
+    def register(self) -> None:
+        """Attach handlers by PV role; plain settings are checked, stored and saved."""
+        slot_commands: dict[str, Callable[[int], Callable[..., Awaitable[Any]]]] = {
+            "DAQ:Start": lambda n: lambda *_: self.daq_start(n),
+            "DAQ:Stop": lambda n: lambda *_: self.daq_stop(n),
+            "UP:Start": lambda n: lambda *_: self.upload_start(n),
+            "WF:Start": lambda n: lambda *_: self.workflow_start(n),
+        }
+        for pv in self.hub.pvs.values():
+            if not pv.field.writable:
+                continue
+            key = f"{pv.group}:{pv.suffix}"
+            if key in slot_commands:
+                self.hub.handle(pv.name, slot_commands[key](pv.slot))
+            elif key == "Experiment:Name":
+                self.hub.handle(pv.name, self.select_experiment)
+            elif key == "Metadata:Upload":
+                self.hub.handle(pv.name, self.metadata_upload)
+            elif pv.field.kind is Kind.STREAM:
+                self.hub.handle(pv.name, self.stream_write)
+            else:
+                self.hub.handle(pv.name, self.setting)
+        self.hub.on_write.append(self._record_writer)
+
+    def _key(self, pv: PV) -> str:
+        return pv.name[len(self.p):]
+
+    async def _record_writer(self, pv: PV, _value: Any, writer: Writer) -> None:
+        if pv.field.kind is Kind.BUSY:
+            await self.hub.post(f"{self.p}Status:LastWriter_RBV",
+                                f"{writer} {self._key(pv)} {time.strftime('%H:%M:%S')}")
+
+    # --- settings -----------------------------------------------------------------------
+
+    async def restore(self) -> None:
+        """Put saved settings back on their PVs (autosave's job in a record IOC)."""
+        for key, value in self.persist.settings.items():
+            name = self.p + key
+            if name in self.hub.pvs and self.hub.pvs[name].field.autosave:
+                await self.hub.post(name, value)
+        name = self.persist.settings.get("Experiment:Name", "")
+        self.poller.experiment_name = name
+
+    async def setting(self, pv: PV, value: Any, _writer: Writer) -> Any:
+        """Check a setting where it can be checked alone, then store and save it."""
+        suffix = pv.suffix
+        if isinstance(value, str) and value:
+            if suffix in ("DataDirectory", "Path"):
+                value = absolute_path(pv.name, value)
+            elif suffix == "DestDirectory":
+                value = relative_path(pv.name, value)
+            elif suffix in ("Args", "Json"):
+                json_object(pv.name, value)
+        if suffix == "Owner" and value:
+            self.poller.owners.add(value)
+        if pv.field.autosave:
+            self.persist.settings[self._key(pv)] = value
+            self.persist.save()
+        await self.hub.post(self.hub.message_pv(pv), "", OK)
+        return value
+
+    async def stream_write(self, pv: PV, value: dict[str, Any], _writer: Writer) -> Any:
+        state = value.get("state")
+        if state not in STREAM_STATES:
+            raise PutRejected(f"{pv.name}: state {state!r} is not one of {', '.join(STREAM_STATES)}")
+        if len(str(value.get("message", ""))) > 4000:
+            raise PutRejected(f"{pv.name}: message too long")
+        return {**value, "timestamp": float(value.get("timestamp") or time.time())}
+
+    # --- experiment ---------------------------------------------------------------------
+
+    def _experiment(self) -> str:
+        """The selected experiment's name; commands that copy data need one."""
+        exp = self.poller.snapshot.experiment
+        if exp is None:
+            raise PutRejected("no DM experiment selected: write Experiment:Name first")
+        return exp.name
+
+    async def select_experiment(self, pv: PV, name: str, _writer: Writer) -> str:
+        name = name.strip()
+        if not name:
+            self.poller.experiment_name = ""
+            self.poller.snapshot.experiment = None
+        else:
+            try:
+                exp = await self.dm.get_experiment(name)
+            except DmError as exc:
+                raise _dm_refusal(f"experiment {name!r} not selected", exc) from None
+            self.poller.experiment_name = name
+            self.poller.snapshot.experiment = exp
+        self.persist.settings["Experiment:Name"] = name
+        self.persist.save()
+        await self.hub.post(f"{self.p}Experiment:Message_RBV", "", OK)
+        await self.poller.publish_experiment(self.poller.snapshot.experiment)
+        return name
+
+    # --- DAQs ---------------------------------------------------------------------------
+
+    async def _remember(self, slot: str, obj_id: str) -> None:
+        self.persist.ids[slot] = obj_id
+        self.persist.save()
+        self.poller.ids[slot] = obj_id
+        self.poller.poll_soon()
+
+    async def daq_start(self, n: int) -> None:
+        """Start the slot's DAQ, or adopt an active one on the same experiment and tree."""
+        s = f"{self.p}DAQ{n}:"
+        experiment = self._experiment()
+        directory = absolute_path(s + "DataDirectory", self.hub[s + "DataDirectory"])
+        dest = relative_path(s + "DestDirectory", self.hub[s + "DestDirectory"])
+        try:
+            for daq in await self.dm.list_daqs():
+                if (daq.active and daq.experiment_name == experiment
+                        and daq.data_directory.rstrip("/") == directory):
+                    await self._remember(f"DAQ{n}", daq.id)
+                    await self.hub.post(s + "Message_RBV", f"reusing active DAQ {daq.id[:8]}")
+                    break
+            else:
+                daq = await self.dm.start_daq(experiment, directory, destDirectory=dest)
+                await self._remember(f"DAQ{n}", daq.id)
+        except DmError as exc:
+            raise _dm_refusal("DAQ not started", exc) from None
+        await self.poller.wait_for(lambda snap: daq.id in snap.daqs)
+
+    async def daq_stop(self, n: int) -> None:
+        s = f"{self.p}DAQ{n}:"
+        daq_id = self.poller.ids.get(f"DAQ{n}", "")
+        daq = self.poller.snapshot.daqs.get(daq_id)
+        if daq is None or not daq.active:
+            raise PutRejected(f"DAQ{n} has no active DAQ to stop")
+        try:
+            await self.dm.stop_daq(daq.experiment_name, daq.data_directory)
+        except DmError as exc:
+            raise _dm_refusal("DAQ not stopped", exc) from None
+        self.poller.poll_soon()
+        await self.poller.wait_for(lambda snap: _ended(snap.daqs.get(daq_id)))
+        await self.hub.post(s + "Message_RBV", f"DAQ {daq_id[:8]} stopped")
+
+    # --- uploads ------------------------------------------------------------------------
+
+    async def upload_start(self, n: int) -> None:
+        """Upload a file (Mode File) or a directory in one transfer (Mode Directory)."""
+        s = f"{self.p}UP{n}:"
+        experiment = self._experiment()
+        path = absolute_path(s + "Path", self.hub[s + "Path"])
+        dest = relative_path(s + "DestDirectory", self.hub[s + "DestDirectory"])
+        info: dict[str, Any] = {"destDirectory": dest}
+        if self.hub[s + "Mode"] == 0:  # File
+            directory, filename = posixpath.split(path)
+            info["experimentFilePath"] = filename
+        else:
+            directory = path
+            info["processingMode"] = "directory"
+        try:
+            upload = await self.dm.upload(experiment, directory, **info)
+        except DmError as exc:
+            raise _dm_refusal("upload not started", exc) from None
+        await self._remember(f"UP{n}", upload.id)
+        snap = await self.poller.wait_for(lambda snap: _ended(snap.uploads.get(upload.id)))
+        final = snap.uploads[upload.id]
+        if final.status != "done":
+            raise PutRejected(f"upload {upload.id[:8]} {final.status}: {final.error_message}")
+
+    # --- workflows ----------------------------------------------------------------------
+
+    async def workflow_start(self, n: int) -> None:
+        """Start a processing job; the put completes when the job is done or failed."""
+        s = f"{self.p}WF{n}:"
+        name = self.hub[s + "Name"].strip()
+        if not name:
+            raise PutRejected(f"{s}Name is empty: which workflow?")
+        args = json_object(s + "Args", self.hub[s + "Args"])
+        owner = self.hub[s + "Owner"].strip() or self.dm.username
+        if self.hub[s + "WaitForOthers"]:
+            await self.hub.post(s + "Message_RBV", f"waiting for other {name} jobs to end")
+            await self.poller.wait_for(lambda snap: not any(
+                j.workflow_name == name and not j.finished for j in snap.jobs.values()))
+        try:
+            job = await self.dm.start_processing_job(name, args, owner=owner)
+        except DmError as exc:
+            raise _dm_refusal(f"workflow {name} not started", exc) from None
+        self.poller.owners.add(owner)
+        await self._remember(f"WF{n}", job.id)
+        snap = await self.poller.wait_for(lambda snap: _ended(snap.jobs.get(job.id)))
+        final = snap.jobs[job.id]
+        if final.status != "done":
+            raise PutRejected(f"job {job.id[:8]} {final.status}: {final.error_message}")
+
+    # --- metadata -----------------------------------------------------------------------
+
+    async def metadata_upload(self, _pv: PV, _value: Any, _writer: Writer) -> None:
+        """Add the run metadata in Metadata:Json to DM's dataset catalog."""
+        m = f"{self.p}Metadata:"
+        experiment = self._experiment()
+        metadata = json_object(m + "Json", self.hub[m + "Json"])
+        if not metadata:
+            raise PutRejected(f"{m}Json is empty: nothing to upload")
+        uid = str(metadata.get("uid") or metadata.get("bluesky_run_uid") or uuid.uuid4())
+        name = str(metadata.get("datasetName") or f"run_uid8_{uid[:8]}")
+        try:
+            await self.dm.add_dataset(experiment, name, bluesky_run_uid=uid,
+                                      bluesky_metadata=metadata,
+                                      time_iso8601=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        except DmError as exc:
+            raise _dm_refusal("metadata not uploaded", exc) from None
+        await self.hub.post(m + "DatasetName_RBV", name[:39])
+        await self.hub.post(m + "Message_RBV", f"dataset {name} added to {experiment}")
+
+
+def _ended(obj: Any) -> bool:
+    """A DAQ, upload or job that DM reports as no longer pending or running."""
+    return obj is not None and obj.status not in ("pending", "running", "")
+
+
+

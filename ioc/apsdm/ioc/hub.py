@@ -1,0 +1,235 @@
+"""The gateway's PV state: one value and alarm per PV, published to both servers.
+
+Data flows one way: pollers and commands ``post`` values here and the CA and PVA
+servers (the sinks) show them; a client write arrives at :meth:`Hub.put`, is checked
+(access, type, length) and handed to the command handler registered for that PV.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from .schema import PV, Kind
+
+log = logging.getLogger(__name__)
+
+# CA alarm codes (caproto AlarmStatus / AlarmSeverity values)
+NO_ALARM, MINOR, MAJOR, INVALID = 0, 1, 2, 3
+STATUS_STATE, STATUS_COMM, STATUS_WRITE = 7, 9, 2
+
+
+class Alarm(NamedTuple):
+    """Severity and status in CA's codes, and a message for PVA (CA has no message)."""
+
+    severity: int = NO_ALARM
+    status: int = 0
+    message: str = ""
+
+
+OK = Alarm()
+
+
+def comm_alarm(message: str = "DM unreachable") -> Alarm:
+    return Alarm(INVALID, STATUS_COMM, message)
+
+
+def state_alarm(message: str) -> Alarm:
+    return Alarm(MINOR, STATUS_STATE, message)
+
+
+class PutRejected(Exception):
+    """A client write that the gateway refuses; the message tells the client why."""
+
+
+class Writer(NamedTuple):
+    """Who wrote: protocol, host and user as the client reports them."""
+
+    protocol: str
+    host: str
+    user: str
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.host} ({self.protocol})"
+
+
+current_writer: ContextVar[Writer | None] = ContextVar("current_writer", default=None)
+
+
+class Sink(Protocol):
+    """A server that shows hub values to its clients (the CA and PVA servers)."""
+
+    async def publish(self, pv: PV, value: Any, alarm: Alarm, timestamp: float) -> None: ...
+
+
+Handler = Callable[[PV, Any, Writer], Awaitable[Any]]
+
+
+@dataclass
+class AccessList:
+    """Hosts, addresses and users allowed to write; empty means everyone may write."""
+
+    allowed: frozenset[str] = frozenset()
+
+    def permits(self, *identities: str) -> bool:
+        return not self.allowed or any(i in self.allowed for i in identities if i)
+
+
+def initial_value(pv: PV) -> Any:
+    kind = pv.field.kind
+    if kind in (Kind.STRING, Kind.LONGSTRING):
+        return ""
+    if kind is Kind.DOUBLE:
+        return 0.0
+    if kind is Kind.TABLE:
+        return []
+    if kind is Kind.STREAM:
+        return {"state": "idle", "message": "", "counter": 0, "timestamp": 0.0}
+    return 0
+
+
+class Hub:
+    """Holds every PV's value and alarm and routes client writes to command handlers."""
+
+    def __init__(self, pvs: Iterable[PV], access: AccessList | None = None) -> None:
+        self.pvs: dict[str, PV] = {pv.name: pv for pv in pvs}
+        self.values: dict[str, Any] = {name: initial_value(pv) for name, pv in self.pvs.items()}
+        self.alarms: dict[str, Alarm] = dict.fromkeys(self.pvs, OK)
+        self.stamps: dict[str, float] = dict.fromkeys(self.pvs, time.time())
+        self.access = access or AccessList()
+        self.sinks: list[Sink] = []
+        self.handlers: dict[str, Handler] = {}
+        self.on_write: list[Callable[[PV, Any, Writer], Awaitable[None]]] = []
+
+    def __getitem__(self, name: str) -> Any:
+        return self.values[name]
+
+    def handle(self, name: str, handler: Handler) -> None:
+        """Route client writes of ``name`` to ``handler`` (its return value is stored)."""
+        self.handlers[name] = handler
+
+    async def post(self, name: str, value: Any, alarm: Alarm = OK, *, force: bool = False) -> None:
+        """Set a PV's value and alarm and show it on both protocols (unchanged: no event)."""
+        if not force and self.values[name] == value and self.alarms[name] == alarm:
+            return
+        self.values[name], self.alarms[name] = value, alarm
+        self.stamps[name] = now = time.time()
+        pv = self.pvs[name]
+        for sink in self.sinks:
+            try:
+                await sink.publish(pv, value, alarm, now)
+            except Exception:  # a broken client connection must not stop the others
+                log.exception("publishing %s failed", name)
+
+    async def set_alarm(self, name: str, alarm: Alarm) -> None:
+        await self.post(name, self.values[name], alarm)
+
+    def may_write(self, pv: PV, *identities: str) -> bool:
+        return pv.field.writable and self.access.permits(*identities)
+
+    async def put(self, name: str, raw: Any, writer: Writer) -> Any:
+        """A client write: check it, run its handler, store and show the result.
+
+        Raises :class:`PutRejected` with a message for the client; a busy command is 1
+        while its handler runs and returns to 0 when the handler ends.
+        """
+        pv = self.pvs[name]
+        try:
+            return await self._put(pv, raw, writer)
+        except PutRejected as exc:
+            log.warning("write refused: %s (by %s)", exc, writer)
+            await self.post(self.message_pv(pv), str(exc), state_alarm(str(exc)))
+            raise
+
+    def message_pv(self, pv: PV) -> str:
+        """The Message_RBV that explains what happened to a write of ``pv``."""
+        name = pv.name.rsplit(":", 1)[0] + ":Message_RBV"
+        return name if name in self.pvs else self.status_message
+
+    @property
+    def status_message(self) -> str:
+        return next(n for n, pv in self.pvs.items()
+                    if pv.group == "Status" and pv.suffix == "Message_RBV")
+
+    async def _put(self, pv: PV, raw: Any, writer: Writer) -> Any:
+        name = pv.name
+        if not pv.field.writable:
+            raise PutRejected(f"{name} is read-only")
+        if not self.access.permits(writer.host, writer.user):
+            raise PutRejected(f"{writer.user}@{writer.host} may not write {name}")
+        value = coerce(pv, raw)
+        handler = self.handlers.get(name)
+        for hook in self.on_write:
+            await hook(pv, value, writer)
+        if pv.field.kind is Kind.BUSY:
+            if not value:  # writing 0 to a busy command does nothing, as with a busy record
+                return self.values[name]
+            if self.values[name]:
+                raise PutRejected(f"{name} is busy: wait until the running action ends")
+            await self.post(name, 1)
+            try:
+                if handler is not None:
+                    await handler(pv, value, writer)
+            finally:
+                await self.post(name, 0)
+            return 0
+        if handler is not None:
+            value = await handler(pv, value, writer)
+        await self.post(name, value)
+        return value
+
+
+def coerce(pv: PV, raw: Any) -> Any:
+    """Turn a client's value into the PV's Python type, or refuse it with a reason."""
+    f = pv.field
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise PutRejected(f"{pv.name}: value is not UTF-8 text") from None
+    if f.kind in (Kind.STRING, Kind.LONGSTRING):
+        text = str(raw).rstrip("\x00")
+        if "\x00" in text:
+            raise PutRejected(f"{pv.name}: text contains NUL characters")
+        if len(text.encode("utf-8")) > f.max_length - (1 if f.kind is Kind.STRING else 0):
+            raise PutRejected(
+                f"{pv.name}: text too long ({len(text)} characters, at most "
+                f"{f.max_length - (1 if f.kind is Kind.STRING else 0)})")
+        return text
+    if f.kind in (Kind.ENUM, Kind.BUSY):
+        if isinstance(raw, str):
+            if raw in f.enums:
+                return f.enums.index(raw)
+            try:
+                raw = int(raw)
+            except ValueError:
+                raise PutRejected(
+                    f"{pv.name}: {raw!r} is not one of {', '.join(f.enums)}") from None
+        if isinstance(raw, float) and (not math.isfinite(raw) or raw != int(raw)):
+            raise PutRejected(f"{pv.name}: {raw!r} is not a choice index")
+        index = int(raw)
+        if not 0 <= index < len(f.enums):
+            raise PutRejected(f"{pv.name}: index {index} is not one of 0..{len(f.enums) - 1}")
+        return index
+    if f.kind is Kind.LONG:
+        try:
+            value = int(raw)
+        except (TypeError, ValueError, OverflowError):
+            raise PutRejected(f"{pv.name}: {raw!r} is not an integer") from None
+        if not -(2**31) <= value < 2**31:
+            raise PutRejected(f"{pv.name}: {value} is out of range")
+        return value
+    if f.kind is Kind.DOUBLE:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise PutRejected(f"{pv.name}: {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise PutRejected(f"{pv.name}: {value} is not a finite number")
+        return value
+    return raw

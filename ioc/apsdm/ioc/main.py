@@ -1,0 +1,184 @@
+"""``apsdm-ioc``: the gateway IOC entry point (CA + PVA servers, poller, commands)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from apsdm import __version__
+from apsdm.dm import DmClient, DmConfig
+
+from .ca import CaServer
+from .commands import Commands
+from .hub import AccessList, Hub
+from .persist import Persistence
+from .poller import Poller
+from .pva import PvaServer
+from .schema import Layout, build
+
+log = logging.getLogger("apsdm.ioc")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="apsdm-ioc",
+        description="EPICS gateway to APS Data Management: serves DM experiment, DAQ, upload "
+                    "and processing-job state over Channel Access and PV Access, and turns "
+                    "writes to command PVs into DM calls.")
+    ap.add_argument("--prefix", default="DM:", help="PV name prefix $(P) (default: %(default)s)")
+    ap.add_argument("--daq-slots", type=int, default=4, help="number of DAQn: slots (default 4)")
+    ap.add_argument("--upload-slots", type=int, default=4, help="number of UPn: slots (default 4)")
+    ap.add_argument("--workflow-slots", type=int, default=4,
+                    help="number of WFn: slots (default 4)")
+    ap.add_argument("--dm", choices=("embedded", "rest", "dm-package"), default="embedded",
+                    help="DM backend: 'embedded' starts the embedded DM service in this process "
+                         "(default); 'rest' talks to DM web services named by DM_* variables or "
+                         "--dm-setup; 'dm-package' uses the conda 'dm' package (aps-dm-api)")
+    ap.add_argument("--dm-setup", default="",
+                    help="dm.setup.sh whose 'export DM_...' lines configure the DM client "
+                         "(rest and dm-package backends; default: the environment)")
+    ap.add_argument("--data-root", type=Path, default=Path("var/apsdm"),
+                    help="directory for the gateway's state and, with the embedded backend, "
+                         "DM's storage and database (default: %(default)s)")
+    ap.add_argument("--dm-port", type=int, default=0,
+                    help="embedded DM service HTTP port on 127.0.0.1 (0 = any free port)")
+    ap.add_argument("--interface", default=os.environ.get("EPICS_CAS_INTF_ADDR_LIST", "0.0.0.0"),
+                    help="address the CA and PVA servers listen on "
+                         "(default: $EPICS_CAS_INTF_ADDR_LIST or 0.0.0.0)")
+    ap.add_argument("--ca-port", type=int, default=int(os.environ.get("EPICS_CA_SERVER_PORT", 5064)),
+                    help="CA server port, TCP and UDP search (0 = pick a free port; "
+                         "default $EPICS_CA_SERVER_PORT or 5064)")
+    ap.add_argument("--pva-port", type=int,
+                    default=int(os.environ.get("EPICS_PVAS_SERVER_PORT", 5075)),
+                    help="PVA server TCP port (0 = pick a free port; default 5075)")
+    ap.add_argument("--pva-broadcast-port", type=int,
+                    default=int(os.environ.get("EPICS_PVAS_BROADCAST_PORT", 5076)),
+                    help="PVA UDP search port (0 = pick a free port; default 5076)")
+    ap.add_argument("--poll-period", type=float, default=1.0,
+                    help="seconds between DM polls; each poll is one list call per kind "
+                         "(default %(default)s)")
+    ap.add_argument("--allow-write", nargs="*", default=[], metavar="HOST_OR_USER",
+                    help="hosts, addresses or user names that may write PVs, on CA and PVA "
+                         "(default: anyone)")
+    ap.add_argument("--log-level", default="INFO",
+                    choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="logging level")
+    args = ap.parse_args(argv)
+    for option in ("daq_slots", "upload_slots", "workflow_slots"):
+        if not 0 <= getattr(args, option) <= 64:
+            ap.error(f"--{option.replace('_', '-')} must be between 0 and 64")
+    if args.poll_period <= 0:
+        ap.error("--poll-period must be positive")
+    return args
+
+
+def free_port(interface: str, *, udp: bool = True) -> int:
+    """A port free for TCP (and UDP) on ``interface``, for ``--*-port 0``."""
+    host = "127.0.0.1" if interface in ("0.0.0.0", "") else interface
+    while True:
+        with socket.socket() as tcp:
+            tcp.bind((host, 0))
+            port = tcp.getsockname()[1]
+            if not udp:
+                return port
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind((host, port))
+                except OSError:
+                    continue
+                return port
+
+
+async def make_dm(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The DM client for the chosen backend, and the embedded service when it runs here."""
+    if args.dm == "embedded":
+        from apsdm.dmserver import start_service  # the IOC only starts it, then talks HTTP
+
+        service = await start_service(args.data_root / "dm", port=args.dm_port)
+        return DmClient(DmConfig.from_env({}, setup_file=str(service.setup_file))), service
+    if args.dm == "dm-package":
+        from apsdm.dm.dmpkg import DmPackageClient
+
+        return DmPackageClient(DmConfig.from_env(setup_file=args.dm_setup)), None
+    return DmClient(DmConfig.from_env(setup_file=args.dm_setup)), None
+
+
+async def heartbeat(hub: Hub, name: str) -> None:
+    count = 0
+    while True:
+        count = (count + 1) % 2**31
+        await hub.post(name, count)
+        await asyncio.sleep(1.0)
+
+
+async def run(args: argparse.Namespace) -> None:
+    layout = Layout(args.prefix, args.daq_slots, args.upload_slots, args.workflow_slots)
+    args.data_root.mkdir(parents=True, exist_ok=True)
+    ca_port = args.ca_port or free_port(args.interface)
+    pva_port = args.pva_port or free_port(args.interface, udp=False)
+    pva_bcast = args.pva_broadcast_port or free_port(args.interface)
+    os.environ["EPICS_CA_SERVER_PORT"] = str(ca_port)  # caproto reads its port from here
+
+    dm, service = await make_dm(args)
+    hub = Hub(build(layout), AccessList(frozenset(args.allow_write)))
+    persist = Persistence(args.data_root / "ioc-state.json")
+    poller = Poller(hub, dm, layout, dict(persist.ids), args.poll_period)
+    commands = Commands(hub, dm, poller, persist)
+    commands.register()
+    await commands.restore()
+    p = layout.prefix
+    dm_url = dm.config.urls.get(next(iter(dm.config.urls)), "") if dm.config.urls else ""
+    await hub.post(f"{p}Status:Version_RBV", __version__)
+    await hub.post(f"{p}Status:DmUrl_RBV", dm_url)
+    await hub.post(f"{p}Status:PollPeriod_RBV", args.poll_period)
+    await hub.post(f"{p}Status:Message_RBV", "starting")
+
+    ca = CaServer(hub, [args.interface])
+    ca_port = await ca.start()
+    pva = PvaServer(hub, {
+        "EPICS_PVAS_INTF_ADDR_LIST": args.interface,
+        "EPICS_PVAS_SERVER_PORT": str(pva_port),
+        "EPICS_PVAS_BROADCAST_PORT": str(pva_bcast),
+        "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1" if args.interface.startswith("127.") else "",
+    })
+    pva_port = pva.start()
+    tasks = [asyncio.create_task(poller.run()),
+             asyncio.create_task(heartbeat(hub, f"{p}Status:Heartbeat_RBV"))]
+    print(f"READY ca_port={ca_port} pva_port={pva_port} dm_url={dm_url}", flush=True)
+    log.info("serving %d PVs with prefix %s (CA %d, PVA %d), DM at %s",
+             len(hub.pvs), p, ca_port, pva_port, dm_url)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down")
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    pva.stop()
+    await ca.stop()
+    await dm.close()
+    if service is not None:
+        await service.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # caproto logs every refused put with a traceback; the gateway logs a one-line reason
+    logging.getLogger("caproto.circ").setLevel(logging.CRITICAL)
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""What the gateway remembers across restarts: the selected experiment, slot settings
+and the ids of the DAQs, uploads and jobs it started (so it reattaches, never restarts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class Persistence:
+    """A JSON file written atomically (temp file + rename) on every change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {"settings": {}, "ids": {}}
+        if path.exists():
+            try:
+                loaded = json.loads(path.read_text())
+                self.data["settings"].update(loaded.get("settings", {}))
+                self.data["ids"].update(loaded.get("ids", {}))
+            except (OSError, ValueError) as exc:
+                # keep the unreadable file for inspection; start from defaults
+                backup = path.with_suffix(".corrupt")
+                path.replace(backup)
+                log.error("state file %s unreadable (%s); moved to %s", path, exc, backup)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Saved setting values by PV suffix path (e.g. ``DAQ1:DataDirectory``)."""
+        return self.data["settings"]
+
+    @property
+    def ids(self) -> dict[str, str]:
+        """DM ids of what each slot started, by slot (e.g. ``WF2``)."""
+        return self.data["ids"]
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
+        with os.fdopen(fd, "w") as fh:
+            json.dump(self.data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)

@@ -1,0 +1,163 @@
+"""The PV Access server (p4p), built from the schema and fed by the hub.
+
+Every PV is a SharedPV; scalars are NTScalar/NTEnum, lists are NTTable and the
+streaming handshake PVs are small structures. Every post carries a timestamp and an
+explicit alarm (p4p merges only changed fields, so an alarm left out would stick).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from functools import lru_cache
+from typing import Any
+
+from p4p import Type, Value
+from p4p.nt import NTEnum, NTScalar, NTTable
+from p4p.nt.common import alarm as alarm_t
+from p4p.nt.common import timeStamp as timestamp_t
+from p4p.server import Server, StaticProvider
+from p4p.server.asyncio import SharedPV
+
+from .hub import STATUS_COMM, Alarm, Hub, PutRejected, Writer, current_writer
+from .schema import PV, Kind
+
+log = logging.getLogger(__name__)
+
+STREAM_TYPE = Type([
+    ("state", "s"), ("message", "s"), ("counter", "l"), ("timestamp", "d"),
+    ("alarm", alarm_t), ("timeStamp", timestamp_t),
+], id="apsdm:stream:1.0")
+
+# PVA alarm status codes: 1 DEVICE, 3 RECORD; CA's COMM has no equal, DEVICE is nearest
+_PVA_STATUS = {STATUS_COMM: 1}
+
+
+def _nt(pv: PV) -> Any:
+    f = pv.field
+    if f.kind in (Kind.STRING, Kind.LONGSTRING):
+        return NTScalar("s")
+    if f.kind is Kind.LONG:
+        return NTScalar("i", display=True)
+    if f.kind is Kind.DOUBLE:
+        return NTScalar("d", display=True)
+    if f.kind in (Kind.ENUM, Kind.BUSY):
+        return NTEnum()
+    if f.kind is Kind.TABLE:
+        return NTTable(list(f.columns))
+    return None
+
+
+@lru_cache(maxsize=256)
+def _host_of(address: str) -> str:
+    """The host name of a peer address, for allow-lists written with names."""
+    try:
+        return socket.gethostbyaddr(address)[0]
+    except OSError:
+        return address
+
+
+class _Handler:
+    """Put handler of one PV: hands the write to the hub, completes when it returns."""
+
+    def __init__(self, server: PvaServer, pv: PV) -> None:
+        self.server, self.pv = server, pv
+
+    async def put(self, shared: SharedPV, op: Any) -> None:
+        ip = op.peer().rsplit(":", 1)[0]
+        writer = Writer("pva", _host_of(ip), op.account())
+        token = current_writer.set(writer)
+        try:
+            value = self.server.value_of_put(self.pv, op.value())
+            if not self.server.hub.access.permits(ip, writer.host, writer.user):
+                raise PutRejected(f"{writer.user}@{writer.host} may not write {self.pv.name}")
+            await self.server.hub.put(self.pv.name, value, writer)
+        except PutRejected as exc:
+            op.done(error=str(exc))
+        except Exception as exc:  # never leave a client waiting
+            log.exception("PVA put to %s failed", self.pv.name)
+            op.done(error=f"internal error: {exc}")
+        else:
+            op.done()
+        finally:
+            current_writer.reset(token)
+
+
+class PvaServer:
+    """Serves every schema PV over PV Access; create inside the running asyncio loop."""
+
+    def __init__(self, hub: Hub, conf: dict[str, str]) -> None:
+        self.hub = hub
+        self.provider = StaticProvider("apsdm")
+        self.shared: dict[str, SharedPV] = {}
+        self.nts: dict[str, Any] = {name: _nt(pv) for name, pv in hub.pvs.items()}
+        for pv in hub.pvs.values():
+            handler = _Handler(self, pv) if pv.field.writable else None
+            nt = self.nts[pv.name]
+            if nt is None:  # the streaming structures
+                shared = SharedPV(handler=handler, initial=self._stream_value(
+                    hub.values[pv.name], Alarm(), 0.0))
+            else:
+                shared = SharedPV(handler=handler, nt=nt, initial=self._wrap(
+                    pv, nt, hub.values[pv.name], Alarm(), 0.0))
+            self.shared[pv.name] = shared
+            self.provider.add(pv.name, shared)
+        self.conf = conf
+        self.server: Server | None = None
+        hub.sinks.append(self)
+
+    def start(self) -> int:
+        """Start serving; returns the TCP port."""
+        self.server = Server(providers=[self.provider], conf=self.conf, useenv=False)
+        return int(self.server.conf()["EPICS_PVAS_SERVER_PORT"])
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def value_of_put(self, pv: PV, value: Any) -> Any:
+        """The plain Python value a PVA client wrote (merging partial structure puts)."""
+        if pv.field.kind is Kind.STREAM:
+            raw = value if isinstance(value, Value) else getattr(value, "raw", value)
+            merged = dict(self.hub.values[pv.name])
+            for key in ("state", "message", "counter", "timestamp"):
+                if raw.changed(key):
+                    merged[key] = raw[key]
+            return merged
+        if pv.field.kind in (Kind.ENUM, Kind.BUSY):
+            return int(value)  # ntenum: the index
+        if pv.field.kind is Kind.TABLE:
+            raise PutRejected(f"{pv.name} is read-only")
+        return value
+
+    def _wrap(self, pv: PV, nt: Any, value: Any, alarm: Alarm, timestamp: float) -> Value:
+        if pv.field.kind in (Kind.ENUM, Kind.BUSY):
+            v = nt.wrap({"index": int(value), "choices": list(pv.field.enums)}, timestamp=timestamp)
+        else:
+            v = nt.wrap(value, timestamp=timestamp)
+        if pv.field.egu and pv.field.kind in (Kind.LONG, Kind.DOUBLE):
+            v["display.units"] = pv.field.egu
+        return self._alarmed(v, alarm)
+
+    def _stream_value(self, value: dict[str, Any], alarm: Alarm, timestamp: float) -> Value:
+        v = Value(STREAM_TYPE, {k: value[k] for k in ("state", "message", "counter", "timestamp")})
+        seconds = int(timestamp)
+        v["timeStamp.secondsPastEpoch"] = seconds
+        v["timeStamp.nanoseconds"] = int((timestamp - seconds) * 1e9)
+        return self._alarmed(v, alarm)
+
+    @staticmethod
+    def _alarmed(v: Value, alarm: Alarm) -> Value:
+        v["alarm.severity"] = alarm.severity
+        v["alarm.status"] = _PVA_STATUS.get(alarm.status, 3 if alarm.status else 0)
+        v["alarm.message"] = alarm.message
+        return v
+
+    async def publish(self, pv: PV, value: Any, alarm: Alarm, timestamp: float) -> None:
+        shared = self.shared[pv.name]
+        nt = self.nts[pv.name]
+        if nt is None:
+            shared.post(self._stream_value(value, alarm, timestamp))
+        else:
+            shared.post(self._wrap(pv, nt, value, alarm, timestamp))
