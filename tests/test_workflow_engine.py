@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
+
 from apsdm.dm.errors import InvalidArgument
 from apsdm.dmserver.workflow import (
     INVALID_FILE_SPEC,
