@@ -30,7 +30,7 @@ class Service(StrEnum):
 
 
 _FIELD = re.compile(r"\{(\w+)(?::(e))?\}")
-# an encoded segment may itself contain '/', so match the whole b'...' token first
+# match a whole b'...' token first: other clients may send tokens with any base64 symbol
 _ENCODED_SEGMENT = r"(b'[^']*'|[^/]+)"
 _PLAIN_SEGMENT = r"([^/]+)"
 

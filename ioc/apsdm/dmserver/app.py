@@ -1,8 +1,9 @@
 """HTTP side of the embedded DM service, and its experiment, workflow/job and catalog handlers.
 
-Requests are matched with :func:`apsdm.dm.routes.match` on the raw path and query (DM's
-encoded tokens hold '/', '+' and quotes). Each route is served by the method of the same
-name on one handler object; DAQs and uploads live in daq.py and upload.py.
+Requests are matched with :func:`apsdm.dm.routes.match` on the raw path and query, since
+DM's encoded tokens are quoted ``b'...'`` text that no framework should decode. Each route
+is served by the method of the same name on one handler object; DAQs and uploads live in
+daq.py and upload.py.
 """
 
 from __future__ import annotations
@@ -47,14 +48,14 @@ SESSION_COOKIE = "session_id"
 SESSION_SECONDS = 24 * 3600
 MAX_SESSIONS = 1000  # beyond this a login ends the oldest session
 DEFAULT_TYPE = "TEST"
-_COOKIE_RE = re.compile(SESSION_COOKIE + r"=([A-Za-z0-9_-]+)")
+_COOKIE_RE = re.compile(r"(?<![\w-])" + SESSION_COOKIE + r"=([A-Za-z0-9_-]+)")
 _NAME_RE = re.compile(r"(?!\.)[A-Za-z0-9._-]{1,64}")
 #: JSON arguments that must decode to an object (dict)
 _JSON_OBJECTS = ("taskInfo", "daqInfo", "argsDict", "workflow", "datasetInfo", "queryDict")
 
 
 def check_name(value: Any, what: str) -> str:
-    """An experiment, station or user name: safe as one path component."""
+    """An experiment or station name: safe as one path component."""
     if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise InvalidArgument(
             f"{what} {value!r} is not valid: use 1-64 letters, digits, '.', '_' or '-' "
@@ -344,7 +345,7 @@ class Catalog:
         for key in ("experimentName", "datasetName"):
             if not isinstance(datasetInfo.get(key), str) or not datasetInfo[key]:
                 raise InvalidArgument(f"datasetInfo needs a non-empty {key}")
-        self._find(datasetInfo["experimentName"])
+        self._find(datasetInfo["experimentName"])  # ObjectNotFound for an unknown experiment
         doc = {**datasetInfo, "id": _new_id()}
         self._store.add_dataset(doc)
         return doc

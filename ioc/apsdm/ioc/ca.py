@@ -20,6 +20,7 @@ from caproto import (
     ChannelEnum,
     ChannelInteger,
     ChannelString,
+    ChannelType,
 )
 from caproto._data import SkipWrite
 from caproto.asyncio.server import Context
@@ -50,6 +51,15 @@ class _GatewayChannel:
                 user_address=user_address)
         finally:
             current_writer.reset(token)
+
+    async def write_from_dbr(self, data: Any, data_type: Any, metadata: Any, *,
+                             flags: int = 0) -> Any:
+        # caproto 1.3 cannot convert an all-NUL CHAR array (an empty string) from the
+        # wire; that is how CA clients clear a long string, so take it as ""
+        if data_type in (ChannelType.CHAR, ChannelType.TIME_CHAR) and not any(bytes(data)):
+            return await self.write("", flags=flags)
+        return await super().write_from_dbr(  # type: ignore[misc]
+            data, data_type, metadata, flags=flags)
 
     def preprocess_value(self, value: Any) -> Any:
         try:

@@ -196,10 +196,11 @@ def coerce(pv: PV, raw: Any) -> Any:
         text = str(raw).rstrip("\x00")
         if "\x00" in text:
             raise PutRejected(f"{pv.name}: text contains NUL characters")
-        if len(text.encode("utf-8")) > f.max_length - (1 if f.kind is Kind.STRING else 0):
-            raise PutRejected(
-                f"{pv.name}: text too long ({len(text)} characters, at most "
-                f"{f.max_length - (1 if f.kind is Kind.STRING else 0)})")
+        # one byte is kept for the terminator, as EPICS does: a client that cut a longer
+        # text to the element count is then refused instead of silently truncated
+        limit = f.max_length - 1
+        if len(text.encode("utf-8")) > limit:
+            raise PutRejected(f"{pv.name}: text too long ({len(text)} characters, at most {limit})")
         return text
     if f.kind in (Kind.ENUM, Kind.BUSY):
         if isinstance(raw, str):

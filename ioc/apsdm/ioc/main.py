@@ -127,6 +127,15 @@ async def run(args: argparse.Namespace) -> None:
 
     dm, service = await make_dm(args)
     hub = Hub(build(layout), AccessList(frozenset(args.allow_write)))
+    # both servers exist before the first post, so every value reaches both
+    ca = CaServer(hub, [args.interface])
+    pva = PvaServer(hub, {
+        "EPICS_PVAS_INTF_ADDR_LIST": args.interface,
+        "EPICS_PVAS_SERVER_PORT": str(pva_port),
+        "EPICS_PVAS_BROADCAST_PORT": str(pva_bcast),
+        "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+        "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1" if args.interface.startswith("127.") else "",
+    })
     persist = Persistence(args.data_root / "ioc-state.json")
     poller = Poller(hub, dm, layout, dict(persist.ids), args.poll_period)
     commands = Commands(hub, dm, poller, persist)
@@ -139,15 +148,7 @@ async def run(args: argparse.Namespace) -> None:
     await hub.post(f"{p}Status:PollPeriod_RBV", args.poll_period)
     await hub.post(f"{p}Status:Message_RBV", "starting")
 
-    ca = CaServer(hub, [args.interface])
     ca_port = await ca.start()
-    pva = PvaServer(hub, {
-        "EPICS_PVAS_INTF_ADDR_LIST": args.interface,
-        "EPICS_PVAS_SERVER_PORT": str(pva_port),
-        "EPICS_PVAS_BROADCAST_PORT": str(pva_bcast),
-        "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
-        "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1" if args.interface.startswith("127.") else "",
-    })
     pva_port = pva.start()
     tasks = [asyncio.create_task(poller.run()),
              asyncio.create_task(heartbeat(hub, f"{p}Status:Heartbeat_RBV"))]

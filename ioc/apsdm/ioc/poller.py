@@ -64,6 +64,7 @@ class Poller:
         self._wake = asyncio.Event()
         self._last_status: dict[str, str] = {}
         self._down = False
+        self._before_comm: dict[str, Alarm] = {}  # Message_RBV alarms hidden by COMM
 
     # --- waiting ------------------------------------------------------------------------
 
@@ -139,6 +140,8 @@ class Poller:
         alarm = comm_alarm(why)
         for name, pv in self.hub.pvs.items():
             if pv.is_rbv and pv.group != "Status":
+                if self.hub.alarms[name].status != alarm.status:
+                    self._before_comm[name] = self.hub.alarms[name]
                 await self.hub.set_alarm(name, alarm)
 
     # --- DM -> PVs ----------------------------------------------------------------------
@@ -171,7 +174,7 @@ class Poller:
         await post(e + "StartDate_RBV", exp.start_date[:39] if exp else "", force=force)
         await post(e + "Users_RBV", ",".join(exp.users) if exp else "", force=force)
         await post(e + "Valid_RBV", 1 if exp else 0, force=force)
-        await post(e + "Message_RBV", self.hub[e + "Message_RBV"], force=force)
+        await self._reshow_message(e + "Message_RBV", force)
 
     async def _transfer_slot(self, slot: str, t: Daq | Upload | None, force: bool) -> None:
         s, post = f"{self.p}{slot}:", self.hub.post
@@ -184,7 +187,7 @@ class Poller:
             if slot.startswith("DAQ"):
                 await post(s + "NWaiting_RBV", 0, force=force)
                 await post(s + "Active_RBV", 0, force=force)
-            await post(s + "Message_RBV", self.hub[s + "Message_RBV"], force=force)
+            await self._reshow_message(s + "Message_RBV", force)
             return
         await post(s + "Id_RBV", t.id, force=force)
         await post(s + "Status_RBV", t.status, _status_alarm(t.status), force=force)
@@ -197,6 +200,11 @@ class Poller:
             await post(s + "NWaiting_RBV", t.n_waiting, force=force)
             await post(s + "Active_RBV", 1 if t.active else 0, force=force)
         await self._transition(slot, t.id, t.status, t.error_message, force)
+
+    async def _reshow_message(self, name: str, force: bool) -> None:
+        """After a reconnection, give a message back the alarm it had before COMM."""
+        if force and name in self._before_comm:
+            await self.hub.post(name, self.hub[name], self._before_comm.pop(name), force=True)
 
     async def _transition(self, slot: str, obj_id: str, status: str, error: str,
                           force: bool) -> None:
@@ -219,7 +227,7 @@ class Poller:
             await post(s + "StagesDone_RBV", 0, force=force)
             await post(s + "StagesTotal_RBV", 0, force=force)
             await post(s + "Stages", [], force=force)
-            await post(s + "Message_RBV", self.hub[s + "Message_RBV"], force=force)
+            await self._reshow_message(s + "Message_RBV", force)
             return
         stages = job.stages
         run_time = job.run_time

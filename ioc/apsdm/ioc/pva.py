@@ -96,10 +96,10 @@ class PvaServer:
             nt = self.nts[pv.name]
             if nt is None:  # the streaming structures
                 shared = SharedPV(handler=handler, initial=self._stream_value(
-                    hub.values[pv.name], Alarm(), 0.0))
+                    hub.values[pv.name], hub.alarms[pv.name], hub.stamps[pv.name]))
             else:
                 shared = SharedPV(handler=handler, nt=nt, initial=self._wrap(
-                    pv, nt, hub.values[pv.name], Alarm(), 0.0))
+                    pv, nt, hub.values[pv.name], hub.alarms[pv.name], hub.stamps[pv.name]))
             self.shared[pv.name] = shared
             self.provider.add(pv.name, shared)
         self.conf = conf
@@ -129,7 +129,8 @@ class PvaServer:
             return int(value)  # ntenum: the index
         if pv.field.kind is Kind.TABLE:
             raise PutRejected(f"{pv.name} is read-only")
-        return value
+        raw = getattr(value, "raw", None)  # NT wrappers print with their timestamp
+        return raw["value"] if raw is not None else value
 
     def _wrap(self, pv: PV, nt: Any, value: Any, alarm: Alarm, timestamp: float) -> Value:
         if pv.field.kind in (Kind.ENUM, Kind.BUSY):

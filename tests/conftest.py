@@ -1,0 +1,221 @@
+"""Fixtures that start the real things: the embedded DM service and the IOC, each as a
+subprocess on loopback with its own ports, data root and EPICS environment."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+READY_TIMEOUT = 60.0
+
+
+def free_port(udp: bool = True) -> int:
+    """A loopback port free for TCP (and UDP, as CA and PVA search need)."""
+    while True:
+        with socket.socket() as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            if not udp:
+                return port
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+
+
+def epics_env(ca_port: int, pva_port: int, pva_bcast: int) -> dict[str, str]:
+    """Client environment that finds exactly one IOC on loopback, over CA and PVA."""
+    return {
+        "EPICS_CA_ADDR_LIST": f"127.0.0.1:{ca_port}",
+        "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CA_SERVER_PORT": str(ca_port),
+        "EPICS_CA_REPEATER_PORT": str(free_port()),
+        "EPICS_CAS_INTF_ADDR_LIST": "127.0.0.1",
+        "EPICS_PVA_ADDR_LIST": f"127.0.0.1:{pva_bcast}",
+        "EPICS_PVA_NAME_SERVERS": f"127.0.0.1:{pva_port}",
+        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+        "EPICS_PVA_BROADCAST_PORT": str(pva_bcast),
+    }
+
+
+def _start(cmd: list[str], log: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """Start a server and wait for its READY line; fail fast if it exits."""
+    fh = log.open("a")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=fh, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT
+    assert proc.stdout is not None
+    os.set_blocking(proc.stdout.fileno(), False)
+    buffer = ""
+    while time.monotonic() < deadline:
+        chunk = proc.stdout.readline()
+        buffer += chunk or ""
+        if "READY" in buffer:
+            os.set_blocking(proc.stdout.fileno(), True)
+            return proc, buffer
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError(f"{cmd[0]} not ready in {READY_TIMEOUT} s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@dataclass
+class DmServer:
+    """The embedded DM service running alone (``apsdm-server``)."""
+
+    data_root: Path
+    port: int
+    proc: subprocess.Popen[str] | None = None
+    url: str = ""
+
+    @property
+    def setup_file(self) -> Path:
+        return self.data_root / "dm.setup.sh"
+
+    def start(self) -> None:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc, line = _start(
+            [str(BIN / "apsdm-server"), "--data-root", str(self.data_root), "--port", str(self.port),
+             "--log-level", "DEBUG"], self.data_root.parent / "dm-server.log", env)
+        self.url = re.search(r"url=(\S+)", line).group(1)  # type: ignore[union-attr]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            _stop(self.proc, sig)
+
+    def client(self) -> Any:
+        from apsdm.dm import DmClient, DmConfig
+
+        return DmClient(DmConfig.from_env({}, setup_file=str(self.setup_file)))
+
+
+@pytest.fixture
+def dm_server(tmp_path: Path) -> Iterator[DmServer]:
+    server = DmServer(tmp_path / "dm", free_port(udp=False))
+    server.data_root.mkdir()
+    server.start()
+    yield server
+    server.stop()
+
+
+@dataclass
+class Ioc:
+    """A running ``apsdm-ioc`` and the client environment that reaches it."""
+
+    data_root: Path
+    prefix: str
+    extra: list[str] = field(default_factory=list)
+    ca_port: int = 0
+    pva_port: int = 0
+    pva_bcast: int = 0
+    dm_url: str = ""
+    proc: subprocess.Popen[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def setup_file(self) -> Path:
+        return self.data_root / "dm" / "dm.setup.sh"
+
+    def start(self) -> None:
+        if not self.ca_port:  # keep the ports across restarts: clients reconnect by themselves
+            self.ca_port, self.pva_port, self.pva_bcast = free_port(), free_port(udp=False), free_port()
+            self.env = epics_env(self.ca_port, self.pva_port, self.pva_bcast)
+        cmd = [str(BIN / "apsdm-ioc"), "--prefix", self.prefix, "--data-root", str(self.data_root),
+               "--interface", "127.0.0.1", "--ca-port", str(self.ca_port),
+               "--pva-port", str(self.pva_port), "--pva-broadcast-port", str(self.pva_bcast),
+               "--poll-period", "0.25", "--log-level", "DEBUG", *self.extra]
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+        self.proc, line = _start(cmd, self.data_root / "ioc.log", env)
+        self.dm_url = re.search(r"dm_url=(\S*)", line).group(1)  # type: ignore[union-attr]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None:
+            _stop(self.proc, sig)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def pva_context(self) -> Any:
+        from p4p.client.thread import Context
+
+        conf = {k: v for k, v in self.env.items() if k.startswith("EPICS_PVA")}
+        return Context("pva", conf=conf, useenv=False)
+
+    def pv(self, suffix: str) -> str:
+        return self.prefix + suffix
+
+    def dm_client(self) -> Any:
+        from apsdm.dm import DmClient, DmConfig
+
+        return DmClient(DmConfig.from_env({}, setup_file=str(self.setup_file)))
+
+    def log(self) -> str:
+        return (self.data_root / "ioc.log").read_text()
+
+
+def use_ca(env: dict[str, str]) -> None:
+    """Point pyepics (libca, one context per process) at this test's IOC."""
+    import epics
+
+    # PVs of earlier tests must let go of the old context first, or their
+    # garbage collection later crashes inside libca (pyepics' clear_cache docs)
+    for obj in gc.get_objects():
+        if isinstance(obj, epics.PV):
+            # ophyd's shim PV narrows clear_callbacks(); the subscription is gone by then
+            with contextlib.suppress(TypeError):
+                obj.disconnect()
+    epics.ca.clear_cache()
+    os.environ.update(env)
+    epics.ca.initialize_libca()
+
+
+def make_ioc(tmp_path: Path, *extra: str) -> Ioc:
+    root = tmp_path / "ioc"
+    root.mkdir(exist_ok=True)
+    ioc = Ioc(root, f"T{uuid.uuid4().hex[:6]}:", list(extra))
+    ioc.start()
+    use_ca(ioc.env)
+    return ioc
+
+
+@pytest.fixture
+def ioc(tmp_path: Path) -> Iterator[Ioc]:
+    """The IOC on the embedded DM service, with pyepics pointed at it."""
+    running = make_ioc(tmp_path)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def dm(ioc: Ioc) -> Any:
+    """An async DM client for the IOC's embedded DM service (for test set-up)."""
+    return ioc.dm_client()
