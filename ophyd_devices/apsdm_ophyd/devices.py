@@ -1,0 +1,197 @@
+"""Ophyd devices for the apsdm-gateway IOC: every CA PV of DESIGN.md as an EpicsSignal.
+
+Settings are ``config``, progress ``normal``/``hinted``, ids ``config`` and commands and
+messages ``omitted``. Busy commands use put completion, so ``set(1)`` returns a Status that
+finishes when the IOC's command ends. pyepics does not hand CA's put-callback status to
+ophyd, so the Status of a refused command finishes too: the reason is in the slot's
+``Message_RBV`` (with an alarm), which the plans check. Long strings are char waveforms
+read and written as text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import cache
+from typing import Any
+
+from ophyd import Component as Cpt
+from ophyd import Device, EpicsSignal, EpicsSignalRO, Kind
+
+__all__ = ["NO_YES", "UPLOAD_MODES", "DMDaq", "DMExperiment", "DMGateway", "DMMetadata",
+           "DMStatus", "DMUpload", "DMWorkflow"]
+
+#: Enum strings that plans write or compare (a test checks them against the IOC's schema).
+NO_YES = ("No", "Yes")
+UPLOAD_MODES = ("File", "Directory")
+
+
+def _readback(suffix: str, kind: Kind = Kind.normal, text: bool = False) -> Cpt:
+    """A read-only PV; ``text`` reads strings, enums and char waveforms as ``str``."""
+    return Cpt(EpicsSignalRO, suffix, kind=kind, string=text)
+
+
+def _setting(suffix: str, readback: str | None = None, kind: Kind = Kind.config) -> Cpt:
+    """A writable text or enum setting; the put completes once the IOC has taken it."""
+    return Cpt(EpicsSignal, readback or suffix, write_pv=suffix, kind=kind, string=True,
+               put_complete=True)
+
+
+def _command(suffix: str) -> Cpt:
+    """A busy-style command: ``set(1)`` finishes when the IOC's action ends."""
+    return Cpt(EpicsSignal, suffix, kind=Kind.omitted, put_complete=True)
+
+
+class _Concise(Device):
+    """Keeps reprs to prefix and name so ``summary()`` and logs stay readable."""
+
+    def _repr_info(self) -> Iterator[tuple[str, Any]]:
+        yield ("prefix", self.prefix)
+        yield ("name", self.name)
+
+
+class DMExperiment(_Concise):
+    """``Experiment:`` — select the DM experiment by name and see its fields."""
+
+    experiment_name = _setting("Name", readback="Name_RBV")
+    experiment_id = _readback("Id_RBV", Kind.config)
+    description = _readback("Description_RBV", Kind.config, text=True)
+    station = _readback("Station_RBV", Kind.config, text=True)
+    experiment_type = _readback("Type_RBV", Kind.config, text=True)
+    data_directory = _readback("DataDirectory_RBV", Kind.config, text=True)
+    storage_directory = _readback("StorageDirectory_RBV", Kind.config, text=True)
+    start_date = _readback("StartDate_RBV", Kind.config, text=True)
+    users = _readback("Users_RBV", Kind.config, text=True)
+    valid = _readback("Valid_RBV", text=True)
+    message = _readback("Message_RBV", Kind.omitted, text=True)
+
+
+class DMDaq(_Concise):
+    """``DAQn:`` — a DAQ that copies new files of a local tree into experiment storage."""
+
+    data_directory = _setting("DataDirectory")
+    dest_directory = _setting("DestDirectory")
+    start_daq = _command("Start")
+    stop_daq = _command("Stop")
+    daq_id = _readback("Id_RBV", Kind.config, text=True)
+    daq_status = _readback("Status_RBV", text=True)
+    n_files = _readback("NFiles_RBV")
+    n_processed = _readback("NProcessed_RBV", Kind.hinted)
+    n_errors = _readback("NErrors_RBV")
+    n_waiting = _readback("NWaiting_RBV")
+    percent = _readback("Percent_RBV")
+    active = _readback("Active_RBV", text=True)
+    message = _readback("Message_RBV", Kind.omitted, text=True)
+
+
+class DMUpload(_Concise):
+    """``UPn:`` — upload one file or a directory tree into experiment storage."""
+
+    path = _setting("Path")
+    dest_directory = _setting("DestDirectory")
+    mode = _setting("Mode")
+    start_upload = _command("Start")
+    upload_id = _readback("Id_RBV", Kind.config, text=True)
+    upload_status = _readback("Status_RBV", text=True)
+    n_files = _readback("NFiles_RBV")
+    n_processed = _readback("NProcessed_RBV", Kind.hinted)
+    n_errors = _readback("NErrors_RBV")
+    percent = _readback("Percent_RBV")
+    message = _readback("Message_RBV", Kind.omitted, text=True)
+
+
+class DMWorkflow(_Concise):
+    """``WFn:`` — start a DM processing job and follow it (stages table: PVA ``WFn:Stages``)."""
+
+    workflow_name = _setting("Name")
+    owner = _setting("Owner")
+    args = _setting("Args")
+    wait_for_others = _setting("WaitForOthers")
+    start_job = _command("Start")
+    job_id = _readback("JobId_RBV", Kind.config, text=True)
+    job_status = _readback("Status_RBV", text=True)
+    current_stage = _readback("Stage_RBV", text=True)
+    run_time = _readback("RunTime_RBV", Kind.hinted)
+    stages_done = _readback("StagesDone_RBV")
+    stages_total = _readback("StagesTotal_RBV")
+    message = _readback("Message_RBV", Kind.omitted, text=True)
+
+
+class DMMetadata(_Concise):
+    """``Metadata:`` — add a run's metadata (a JSON object) to DM's dataset catalog."""
+
+    json = _setting("Json", kind=Kind.omitted)
+    upload = _command("Upload")
+    dataset_name = _readback("DatasetName_RBV", Kind.config, text=True)
+    message = _readback("Message_RBV", Kind.omitted, text=True)
+
+
+class DMStatus(_Concise):
+    """``Status:`` — gateway health: DM reachable, heartbeat, version, last writer."""
+
+    connected = _readback("Connected_RBV", text=True)
+    message = _readback("Message_RBV", Kind.omitted, text=True)
+    heartbeat = _readback("Heartbeat_RBV", Kind.omitted)
+    version = _readback("Version_RBV", Kind.config, text=True)
+    last_writer = _readback("LastWriter_RBV", Kind.omitted, text=True)
+    dm_url = _readback("DmUrl_RBV", Kind.config, text=True)
+    dm_requests = _readback("DmRequests_RBV", Kind.omitted)
+    poll_period = _readback("PollPeriod_RBV", Kind.config)
+
+
+SLOT_GROUPS = (("daq", DMDaq, "DAQ"), ("up", DMUpload, "UP"), ("wf", DMWorkflow, "WF"))
+
+
+class DMGateway(_Concise):
+    """The whole gateway: experiment, metadata, health and ``daq1..``, ``up1..``, ``wf1..``.
+
+    Slot counts vary per IOC, so the class with that many slot components is made (once
+    per combination of counts) when an instance is created.
+    """
+
+    experiment = Cpt(DMExperiment, "Experiment:")
+    metadata = Cpt(DMMetadata, "Metadata:", kind=Kind.config)
+    health = Cpt(DMStatus, "Status:", kind=Kind.config)
+    slot_counts: tuple[int, int, int] | None = None  # set on the generated classes
+
+    def __new__(cls, prefix: str = "DM:", *, n_daq: int = 4, n_upload: int = 4,
+                n_workflow: int = 4, **kwargs: Any) -> DMGateway:
+        counts = (n_daq, n_upload, n_workflow)
+        return super().__new__(cls if cls.slot_counts == counts else _gateway_class(cls, counts))
+
+    def __init__(self, prefix: str = "DM:", *, n_daq: int = 4, n_upload: int = 4,
+                 n_workflow: int = 4, name: str = "dm", **kwargs: Any) -> None:
+        super().__init__(prefix, name=name, **kwargs)
+        self.n_daq, self.n_upload, self.n_workflow = n_daq, n_upload, n_workflow
+
+    def _repr_info(self) -> Iterator[tuple[str, Any]]:
+        yield from super()._repr_info()
+        yield from (("n_daq", self.n_daq), ("n_upload", self.n_upload),
+                    ("n_workflow", self.n_workflow))
+
+    def daq(self, n: int) -> DMDaq:
+        """DAQ slot ``n`` (1-based, as in the PV names)."""
+        return self._slot("daq", n)
+
+    def upload(self, n: int) -> DMUpload:
+        """Upload slot ``n`` (1-based)."""
+        return self._slot("up", n)
+
+    def workflow(self, n: int) -> DMWorkflow:
+        """Workflow slot ``n`` (1-based)."""
+        return self._slot("wf", n)
+
+    def _slot(self, group: str, n: int) -> Any:
+        try:
+            return getattr(self, f"{group}{int(n)}")
+        except AttributeError:
+            raise ValueError(f"{self.name} has no slot {group}{n}") from None
+
+
+@cache
+def _gateway_class(base: type[DMGateway], counts: tuple[int, int, int]) -> type[DMGateway]:
+    """A subclass of ``base`` with one component per slot, named like the PVs."""
+    attrs: dict[str, Any] = {"slot_counts": counts, "__module__": base.__module__}
+    for (attr, device, group), count in zip(SLOT_GROUPS, counts, strict=True):
+        for n in range(1, count + 1):
+            attrs[f"{attr}{n}"] = Cpt(device, f"{group}{n}:")
+    return type(base.__name__, (base,), attrs)

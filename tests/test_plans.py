@@ -1,0 +1,267 @@
+"""The ophyd devices and bluesky plans in a real RunEngine against the IOC on the embedded DM.
+
+Simulated detectors write real files into the DAQ's directory; the workflows are real
+child processes of the embedded DM service (the demo workflows of apsdm_ophyd).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from bluesky import RunEngine
+from ophyd.sim import SynSignalWithRegistry
+
+from apsdm_ophyd import DMGateway, GatewayError, WorkflowFailed, pva, workflows
+from apsdm_ophyd.plans import (
+    RunReport,
+    UserSetup,
+    file_collection_plan,
+    setup_user,
+    streaming_collection_plan,
+)
+
+pytestmark = pytest.mark.timeout(180)
+
+FAST = {"reporting_period": 0.5, "poll_period": 0.1}
+
+
+def file_detector(directory: Path) -> SynSignalWithRegistry:
+    """ophyd's simulated detector that saves each triggered 8x8 image as a .npy file."""
+    return SynSignalWithRegistry(func=lambda: np.random.default_rng().random((8, 8)),
+                                 name="image", save_path=str(directory))
+
+
+def add_to_dm(dm: Any, experiment: str, *definitions: dict[str, Any]) -> Any:
+    """Create an experiment and workflows in the embedded DM; returns the experiment."""
+
+    async def go() -> Any:
+        async with dm:
+            await dm.add_experiment(experiment)
+            for definition in definitions:
+                await dm.upsert_workflow(definition)
+            return await dm.get_experiment(experiment)
+
+    return asyncio.run(go())
+
+
+def demo(name: str) -> dict[str, Any]:
+    """A demo workflow definition shipped with apsdm_ophyd."""
+    return json.loads(workflows.path(name).read_text())
+
+
+def failing_workflow() -> dict[str, Any]:
+    """A workflow whose second stage fails with a message on stderr."""
+    return {"name": "always-fails", "stages": {
+        "01-OK": {"command": "echo fine"},
+        "02-FAIL": {"command": "echo 'no such calibration' >&2; exit 3"},
+    }}
+
+
+@pytest.fixture
+def gateway(ioc: Any) -> DMGateway:
+    """The whole gateway as one ophyd device, connected."""
+    gw = DMGateway(ioc.prefix, name="dm")
+    gw.wait_for_connection(timeout=30)
+    return gw
+
+
+@pytest.fixture
+def RE() -> RunEngine:
+    """A RunEngine that hands back the plan's return value."""
+    return RunEngine({}, call_returns_result=True)
+
+
+@pytest.fixture
+def ctx(ioc: Any) -> Iterator[Any]:
+    """A p4p client context for this test's IOC."""
+    context = ioc.pva_context()
+    yield context
+    context.close()
+
+
+def run(RE: RunEngine, plan: Any) -> Any:
+    """Run a plan that must succeed; returns its return value."""
+    result = RE(plan)
+    assert result.exit_status == "success"
+    return result.plan_result
+
+
+def test_setup_user_then_file_plan_ends_with_done_job_that_saw_the_files(
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    experiment = f"exp-{uuid.uuid4().hex[:6]}"
+    exp = add_to_dm(dm, experiment, demo("files-demo"))
+    data = tmp_path / "detector"
+    data.mkdir()
+    qmap = tmp_path / "user" / "qmap.txt"  # away from the IOC's storage (DM refuses that)
+    qmap.parent.mkdir()
+    qmap.write_text("q-map for the analysis\n")
+
+    setup: UserSetup = run(RE, setup_user(gateway, experiment, data_directory=str(data),
+                                          daq_dest="raw", upload_file=str(qmap),
+                                          upload_dest="setup"))
+    assert setup.experiment == experiment and setup.daq_id and setup.upload_id
+    assert gateway.daq1.active.get() == "Yes"
+    assert (Path(exp.data_directory) / "setup" / "qmap.txt").read_text() == qmap.read_text()
+    again: UserSetup = run(RE, setup_user(gateway, experiment, data_directory=str(data),
+                                          daq_dest="raw"))
+    assert again.daq_id == setup.daq_id  # the active DAQ is reused, not started twice
+
+    caplog.set_level(logging.INFO, logger="apsdm_ophyd")
+    report: RunReport = run(RE, file_collection_plan(
+        gateway, [file_detector(data)], 3, "apsdm-files-demo", md={"sample": "demo"},
+        pva_context=ctx, **FAST))
+    job = report.job
+    assert job.ok, job.describe()
+    written = sorted(p.name for p in data.iterdir())
+    copied = sorted(p.name for p in (Path(exp.data_directory) / "raw").iterdir())
+    assert len(written) == 3 and copied == written
+    outputs = {row["stage"]: row["stdOut"] for row in job.stages}
+    assert outputs["02-COUNT"].strip() == "3"
+    assert all(name in outputs["03-MD5SUM"] for name in copied)
+    assert report.dataset == f"run_uid8_{report.run_uid[:8]}"
+    assert gateway.wf1.job_status.get() == "done"
+    assert any("job" in r.message and "stage" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("raise_on_failure", [True, False])
+def test_failing_workflow_is_reported_clearly(
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any,
+        raise_on_failure: bool, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    experiment = f"exp-{uuid.uuid4().hex[:6]}"
+    add_to_dm(dm, experiment, failing_workflow())
+    run(RE, setup_user(gateway, experiment))
+    plan = file_collection_plan(gateway, [file_detector(tmp_path)], 1,
+                                "always-fails", expected_files=0, pva_context=ctx,
+                                raise_on_failure=raise_on_failure, **FAST)
+    if raise_on_failure:
+        with pytest.raises(WorkflowFailed, match=r"always-fails job \S+ failed at stage 02-FAIL"):
+            RE(plan)
+        return
+    with caplog.at_level(logging.ERROR, logger="apsdm_ophyd"):
+        report: RunReport = run(RE, plan)
+    assert report.job.status == "failed" and report.job.stage == "02-FAIL"
+    failed = [row for row in report.job.stages if row["stage"] == "02-FAIL"]
+    assert failed[0]["exitStatus"] == 3 and "no such calibration" in failed[0]["stdErr"]
+    assert report.dataset  # the metadata is shared even though the workflow failed
+    assert any("02-FAIL" in r.message and "raise_on_failure=False" in r.message
+               for r in caplog.records)
+
+
+def test_unknown_experiment_fails_fast(gateway: DMGateway, RE: RunEngine) -> None:
+    begin = time.monotonic()
+    with pytest.raises(GatewayError, match="no-such-experiment") as raised:
+        RE(setup_user(gateway, "no-such-experiment", data_directory="/tmp"))
+    assert time.monotonic() - begin < 5
+    assert "refused" in str(raised.value)
+    assert gateway.daq1.active.get() == "No"  # nothing was started
+
+
+def test_streaming_plan_completes_the_handshake(
+        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+    experiment = f"exp-{uuid.uuid4().hex[:6]}"
+    add_to_dm(dm, experiment, demo("streaming-demo"))
+    run(RE, setup_user(gateway, experiment))
+    report: RunReport = run(RE, streaming_collection_plan(
+        gateway, [file_detector(tmp_path)], 5, "apsdm-streaming-demo",
+        workflow_args={"pythonExe": sys.executable}, ready_timeout=60, pva_context=ctx, **FAST))
+    assert report.job.ok, report.job.describe()
+    assert report.workflow_stream is not None
+    assert report.workflow_stream.state == "done"
+    assert report.workflow_stream.counter == 5
+    assert "consumed 5 frames" in report.workflow_stream.message
+    names = pva.StreamNames.for_prefix(gateway.prefix)
+    assert pva.read(ctx, names.bluesky).state == "done"
+    assert "consumed 5 frames" in report.job.stages[0]["stdOut"]
+
+
+def test_streaming_plan_gives_up_on_a_workflow_that_is_never_ready(
+        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+    experiment = f"exp-{uuid.uuid4().hex[:6]}"
+    add_to_dm(dm, experiment, {"name": "silent", "stages": {"01": {"command": "sleep 3"}}})
+    run(RE, setup_user(gateway, experiment))
+    with pytest.raises(WorkflowFailed, match="did not become ready within 1 s"):
+        RE(streaming_collection_plan(gateway, [file_detector(tmp_path)], 2, "silent",
+                                     ready_timeout=1, pva_context=ctx, **FAST))
+    names = pva.StreamNames.for_prefix(gateway.prefix)
+    assert pva.read(ctx, names.bluesky).state == "error"
+
+
+def test_demo_workflow_times_out_with_error_state(ioc: Any, ctx: Any) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "apsdm_ophyd.streaming_workflow", "--prefix", ioc.prefix,
+         "--timeout", "1"], env={**ioc.env, "PATH": "/usr/bin:/bin"}, capture_output=True,
+        text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    state = pva.read(ctx, pva.StreamNames.for_prefix(ioc.prefix).workflow)
+    assert state.state == "error" and "timed out" in state.message
+
+
+def test_devices_long_strings_and_busy_commands(
+        ioc: Any, dm: Any, gateway: DMGateway, ctx: Any, tmp_path: Path) -> None:
+    long_dir = tmp_path / ("d" * 120) / ("e" * 120)
+    long_dir.mkdir(parents=True)
+    gateway.daq1.data_directory.set(str(long_dir)).wait(5)
+    assert gateway.daq1.data_directory.get() == str(long_dir)
+    assert ctx.get(ioc.pv("DAQ1:DataDirectory")) == str(long_dir)  # the same value over PVA
+
+    experiment = f"exp-{uuid.uuid4().hex[:6]}"
+    add_to_dm(dm, experiment)
+    gateway.experiment.experiment_name.set(experiment).wait(10)
+    assert gateway.experiment.valid.get() == "Yes"
+    status = gateway.daq1.start_daq.set(1)
+    status.wait(30)  # put completion: done once the DAQ runs
+    assert status.success and gateway.daq1.start_daq.get() == 0
+    assert gateway.daq1.active.get() == "Yes" and gateway.daq1.daq_id.get()
+    assert "dm_daq1_n_processed" in gateway.daq1.hints["fields"]
+    assert {"dm_daq1_daq_status", "dm_daq1_n_processed"} <= set(gateway.daq1.read())
+    assert {"dm_daq1_data_directory", "dm_daq1_daq_id"} <= set(gateway.daq1.read_configuration())
+    assert "dm_daq1_message" not in gateway.daq1.read()  # text, not data
+
+    gateway.wf1.workflow_name.set("").wait(5)
+    refused = gateway.wf1.start_job.set(1)
+    refused.wait(10)  # pyepics hides the CA put failure: the reason is in Message_RBV
+    assert "Name is empty" in gateway.wf1.message.get()
+    assert gateway.wf1.message.alarm_severity > 0
+
+
+def test_long_string_can_be_cleared_over_ca(gateway: DMGateway) -> None:
+    gateway.daq1.dest_directory.set("raw").wait(5)
+    gateway.daq1.dest_directory.set("").wait(5)
+    assert gateway.daq1.dest_directory.get() == ""
+
+
+def test_wait_for_others_starts_after_the_running_job_of_the_workflow(
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+    experiment = f"exp-{uuid.uuid4().hex[:6]}"
+    add_to_dm(dm, experiment, {"name": "exclusive", "stages": {"01": {"command": "sleep 2"}}})
+    run(RE, setup_user(gateway, experiment))
+    other = gateway.workflow(2)
+    other.workflow_name.set("exclusive").wait(5)
+    running = other.start_job.set(1)
+    deadline = time.monotonic() + 10
+    while other.job_status.get() != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    report: RunReport = run(RE, file_collection_plan(
+        gateway, [file_detector(tmp_path)], 1, "exclusive", expected_files=0,
+        wait_for_others=True, pva_context=ctx, **FAST))
+    assert running.done and report.job.ok
+
+    async def times() -> tuple[Any, Any]:
+        async with ioc.dm_client() as client:
+            return (await client.get_processing_job(other.job_id.get()),
+                    await client.get_processing_job(report.job.job_id))
+
+    first, second = asyncio.run(times())
+    assert second.raw["startTime"] >= first.raw["endTime"]
