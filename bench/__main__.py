@@ -1,0 +1,12 @@
+"""Run every benchmark: ``python -m bench [name ...]``."""
+
+from __future__ import annotations
+
+import sys
+
+from . import dm_copy, ioc_latency
+
+BENCHES = {"dm_copy": dm_copy.main, "ioc_latency": ioc_latency.main}
+
+for name in sys.argv[1:] or list(BENCHES):
+    BENCHES[name]()
