@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from softioc import builder, softioc
+from softioc import asyncio_dispatcher, builder, softioc
 
 from apsdm.ioc.schema import Kind, Layout, build
 
@@ -28,7 +28,7 @@ def main() -> None:
         else:
             (builder.mbbOut if f.writable else builder.mbbIn)(name, *f.enums)
     builder.LoadDatabase()
-    softioc.iocInit()
+    softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
     print("READY", flush=True)
     softioc.non_interactive_ioc()
 

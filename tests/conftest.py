@@ -189,9 +189,10 @@ def use_ca(env: dict[str, str]) -> None:
     # PVs of earlier tests must let go of the old context first, or their
     # garbage collection later crashes inside libca (pyepics' clear_cache docs)
     for obj in gc.get_objects():
-        if isinstance(obj, epics.PV):
-            # ophyd's shim PV narrows clear_callbacks(); the subscription is gone by then
-            with contextlib.suppress(TypeError):
+        if isinstance(obj, epics.PV) and obj.context is not None:
+            # ophyd's shim PV narrows clear_callbacks() and refuses released PVs; the
+            # subscription is gone by the time either complains
+            with contextlib.suppress(TypeError, RuntimeError):
                 obj.disconnect()
     epics.ca.clear_cache()
     os.environ.update(env)
@@ -203,7 +204,11 @@ def make_ioc(tmp_path: Path, *extra: str) -> Ioc:
     root.mkdir(exist_ok=True)
     ioc = Ioc(root, f"T{uuid.uuid4().hex[:6]}:", list(extra))
     ioc.start()
-    use_ca(ioc.env)
+    try:
+        use_ca(ioc.env)
+    except BaseException:
+        ioc.stop()  # never leave an IOC behind when the client side fails
+        raise
     return ioc
 
 

@@ -30,7 +30,7 @@ from apsdm.dm.errors import DmError, InvalidArgument, ObjectNotFound
 from apsdm.dm.records import ACTIVE_STATUSES
 
 from .store import Doc, Store, ThrottledSaver
-from .workflow import _as_bool, _timestamp
+from .workflow import as_bool, dm_timestamp
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class CopyAborted(Exception):
 
 def flag(options: Doc, key: str, default: bool) -> bool:
     """A boolean taskInfo/daqInfo option (true/false/1/0 strings accepted)."""
-    return default if options.get(key) is None else _as_bool(options[key], key)
+    return default if options.get(key) is None else as_bool(options[key], key)
 
 
 def relative_path(value: Any, what: str) -> PurePosixPath:
@@ -285,7 +285,7 @@ class Transfer:
 
     def finish(self, status: str, error: str = "") -> None:
         now = time.time()
-        self.doc.update(status=status, endTime=now, endTimestamp=_timestamp(now),
+        self.doc.update(status=status, endTime=now, endTimestamp=dm_timestamp(now),
                         runTime=round(now - self.doc["startTime"], 3))
         if error:
             self.doc["errorMessage"] = error
@@ -325,7 +325,7 @@ class TransferService:
             "destDirectory": "" if not dest.parts else str(dest),
             "status": "pending",
             "startTime": now,
-            "startTimestamp": _timestamp(now),
+            "startTimestamp": dm_timestamp(now),
             "storageDirectory": experiment["dataDirectory"],
             "storageHost": experiment["storageHost"],
             "storageUrl": Path(experiment["dataDirectory"]).as_uri(),
@@ -365,7 +365,7 @@ class TransferService:
             except DmError as exc:
                 now = time.time()
                 doc.update(status="failed", errorMessage=f"cannot resume: {exc.message}",
-                           endTime=now, endTimestamp=_timestamp(now))
+                           endTime=now, endTimestamp=dm_timestamp(now))
                 self._store.save_transfer(self.kind, doc)
                 continue
             log.info("resuming %s %s of experiment %s", self.kind, doc["id"],

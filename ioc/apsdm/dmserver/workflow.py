@@ -114,7 +114,7 @@ def _validate_stage(key: Any, stage: Any) -> None:
     if "workingDir" in stage and not isinstance(stage["workingDir"], str):
         raise InvalidArgument(f"Stage {key}: workingDir must be a string.")
     if "parallelExec" in stage:
-        stage["parallelExec"] = _as_bool(stage["parallelExec"], f"Stage {key}: parallelExec")
+        stage["parallelExec"] = as_bool(stage["parallelExec"], f"Stage {key}: parallelExec")
     regexes = stage.get("outputVariableRegexList", [])
     if not isinstance(regexes, list):
         raise InvalidArgument(f"Stage {key}: outputVariableRegexList must be a list.")
@@ -148,7 +148,7 @@ def _validate_stage(key: Any, stage: Any) -> None:
             raise InvalidArgument(f"Stage {key}: {exc}") from None
 
 
-def _as_bool(value: Any, what: str) -> bool:
+def as_bool(value: Any, what: str) -> bool:
     """A bool, or the strings true/false/1/0 (workflow editors often store strings)."""
     if isinstance(value, bool):
         return value
@@ -174,7 +174,7 @@ def _as_number(value: Any, what: str) -> float:
 # ---------------------------------------------------------------- job records
 
 
-def _timestamp(t: float) -> str:
+def dm_timestamp(t: float) -> str:
     """DM's human-readable local time, e.g. ``2026/05/08 10:07:01 CDT``."""
     return time.strftime("%Y/%m/%d %H:%M:%S %Z", time.localtime(t))
 
@@ -193,7 +193,7 @@ def new_job(workflow: dict, owner: str, args: dict, job_id: str | None = None) -
         "owner": owner.strip(),
         "status": "pending",
         "submissionTime": now,
-        "submissionTimestamp": _timestamp(now),
+        "submissionTimestamp": dm_timestamp(now),
     }
     files = _file_list(args)
     job["countFiles"] = len(files) if files is not None else int("filePath" in args)
@@ -258,7 +258,7 @@ def _end_job(job: dict, status: str, error: str | None = None) -> None:
             _count_children(stage)
     job["status"] = status
     job["endTime"] = now
-    job["endTimestamp"] = _timestamp(now)
+    job["endTimestamp"] = dm_timestamp(now)
     job["runTime"] = now - job.get("startTime", now)
     if error is not None:
         job["errorMessage"] = error
@@ -547,7 +547,7 @@ class JobRunner:
         """Start the job and run its stages; return the job's error message, if it failed."""
         job = self.job
         now = time.time()
-        job.update(status="running", startTime=now, startTimestamp=_timestamp(now))
+        job.update(status="running", startTime=now, startTimestamp=dm_timestamp(now))
         stages: dict[str, dict] = job["workflow"]["stages"]
         for stage in stages.values():
             stage.setdefault("childProcesses", {})
