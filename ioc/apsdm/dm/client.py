@@ -15,14 +15,11 @@ from typing import Any
 import httpx
 
 from .config import Credentials, DmConfig
-from .errors import AuthenticationError, CommunicationError, DmError, error_from_status
+from .errors import AuthenticationError, CommunicationError, ObjectAlreadyExists, error_from_status
 from .records import Daq, Experiment, Job, Upload, Workflow
 from .routes import LOGIN_PATH, ROUTES, Service
 
 log = logging.getLogger(__name__)
-
-DEFAULT_KEYS = '"DEFAULT"'
-
 
 class _Session:
     """One service's HTTP connection and login cookie (each DM service has its own)."""
@@ -96,7 +93,7 @@ class DmClient:
         route = ROUTES[route_name]
         session = self._session(route.service)
         path = route.url(**values)
-        for attempt in (1, 2):
+        for _attempt in (1, 2):
             if not session.logged_in:
                 async with session.lock:
                     if not session.logged_in:
@@ -108,10 +105,9 @@ class DmClient:
             except httpx.HTTPError as exc:
                 raise CommunicationError(
                     f"DM at {session.base_url} is unreachable: {_why(exc)}") from None
-            if resp.status_code == 401 and attempt == 1:
-                session.logged_in = False  # session expired: log in once more
-                continue
-            return _check(resp, session.base_url)
+            if resp.status_code != 401:
+                return _check(resp, session.base_url)
+            session.logged_in = False  # the session expired: log in once more
         raise AuthenticationError(f"DM at {session.base_url} keeps refusing the session")
 
     # --- experiments (DS) ---------------------------------------------------------------
@@ -196,9 +192,7 @@ class DmClient:
         """Add the workflow, or update it if one of that name exists (dm-upsert-workflow)."""
         try:
             return await self.add_workflow(workflow)
-        except DmError as exc:
-            if exc.code != 15:  # ObjectAlreadyExists
-                raise
+        except ObjectAlreadyExists:
             return await self.update_workflow(workflow)
 
     async def start_processing_job(self, workflow_name: str, args: dict[str, Any],

@@ -13,14 +13,9 @@ from typing import Any
 
 from .client import DmClient
 from .config import DmConfig
-from .errors import CommunicationError, DmError, error_from_status
+from .errors import ERRORS_BY_NAME, CommunicationError, DmError
 from .records import Daq, Experiment, Job, Upload, Workflow
 from .routes import Service
-
-# vendor exception class name -> our code (the vendor classes carry the same names)
-_VENDOR_ERRORS = {"ObjectNotFound": 14, "ObjectAlreadyExists": 15, "InvalidArgument": 10,
-                  "AuthorizationError": 5, "InvalidSession": 12, "InvalidObjectState": 16,
-                  "CommunicationError": 3, "ConfigurationError": 4}
 
 # our name -> (vendor module, vendor class, DM service whose URL it takes)
 _APIS = {
@@ -61,13 +56,19 @@ class DmPackageClient(DmClient):
         fn: Callable[..., Any] = getattr(self._api(api), method)
         self.requests += 1
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
+            # a hung vendor call must not stall the poller: give up after the client timeout
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs),
+                                          self.config.timeout)
         except DmError:
             raise
+        except TimeoutError:
+            raise CommunicationError(
+                f"dm package call {method} did not answer in {self.config.timeout} s") from None
         except Exception as exc:
+            # the vendor's exception classes carry DM's names
             name = type(exc).__name__
-            if name in _VENDOR_ERRORS:
-                raise error_from_status(_VENDOR_ERRORS[name], str(exc), name) from None
+            if name in ERRORS_BY_NAME:
+                raise ERRORS_BY_NAME[name](str(exc)) from None
             raise CommunicationError(f"dm package call {method} failed: {name}: {exc}") from None
 
     async def close(self) -> None:
@@ -148,9 +149,8 @@ class DmPackageClient(DmClient):
 
     async def list_processing_jobs(self, owner: str = "", keys: str | list[str] = "DEFAULT",
                                    skip: int = 0, limit: int = 5000) -> list[Job]:
-        key_list = keys if isinstance(keys, list) else None
         items = await self._run("proc", "listProcessingJobs", owner or self.username,
-                                keyList=key_list)
+                                skip=skip, limit=limit, keyList=keys)
         return [Job.from_dict(_dict(j)) for j in items]
 
     async def add_dataset(self, experiment: str, dataset_name: str,

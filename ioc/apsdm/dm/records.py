@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 ACTIVE_STATUSES = frozenset({"pending", "running"})
-JOB_DONE_STATUSES = frozenset({"done", "failed", "timeout", "aborted"})
-UPLOAD_DONE_STATUSES = frozenset({"done", "failed", "skipped", "aborted", "aborting"})
+# the one definition of "this DAQ, upload or job has ended" (``aborting`` has not yet)
+TERMINAL_STATUSES = frozenset({"done", "failed", "skipped", "aborted", "timeout"})
+# ended, but not as asked
+FAILED_STATUSES = TERMINAL_STATUSES - {"done"}
 
 
 def _num(d: dict[str, Any], key: str, default: float = 0) -> float:
@@ -93,6 +95,10 @@ class _Transfer:
     def active(self) -> bool:
         return self.status in ACTIVE_STATUSES
 
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
 
 class Daq(_Transfer):
     """A DAQ: watches a local tree and copies new files into experiment storage."""
@@ -100,10 +106,6 @@ class Daq(_Transfer):
 
 class Upload(_Transfer):
     """An upload of a file or a directory into experiment storage."""
-
-    @property
-    def finished(self) -> bool:
-        return self.status in UPLOAD_DONE_STATUSES
 
 
 @dataclass(frozen=True)
@@ -146,7 +148,7 @@ class Job:
 
     @property
     def finished(self) -> bool:
-        return self.status in JOB_DONE_STATUSES
+        return self.status in TERMINAL_STATUSES
 
     @property
     def stages(self) -> list[Stage]:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,14 @@ class Persistence:
         if path.exists():
             try:
                 loaded = json.loads(path.read_text())
-                self.data["settings"].update(loaded.get("settings", {}))
-                self.data["ids"].update(loaded.get("ids", {}))
+                if not isinstance(loaded, dict) or not all(
+                        isinstance(loaded.get(k, {}), dict) for k in self.data):
+                    raise ValueError("not an object of 'settings' and 'ids'")
+                for key in self.data:
+                    self.data[key].update(loaded.get(key, {}))
             except (OSError, ValueError) as exc:
                 # keep the unreadable file for inspection; start from defaults
-                backup = path.with_suffix(".corrupt")
+                backup = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
                 path.replace(backup)
                 log.error("state file %s unreadable (%s); moved to %s", path, exc, backup)
 
@@ -44,8 +48,12 @@ class Persistence:
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(self.data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.data, fh, indent=1, sort_keys=True)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
