@@ -164,11 +164,12 @@ class Ioc:
         self.stop()
         self.start()
 
-    def pva_context(self) -> Any:
+    def pva_context(self, nt: bool = True) -> Any:
+        """A p4p client context for this IOC; ``nt=False`` gives plain Values (no unwrapping)."""
         from p4p.client.thread import Context
 
         conf = {k: v for k, v in self.env.items() if k.startswith("EPICS_PVA")}
-        return Context("pva", conf=conf, useenv=False)
+        return Context("pva", conf=conf, useenv=False, nt=None if nt else False)
 
     def pv(self, suffix: str) -> str:
         return self.prefix + suffix
@@ -180,6 +181,12 @@ class Ioc:
 
     def log(self) -> str:
         return (self.data_root / "ioc.log").read_text()
+
+
+#: pyepics' printf callbacks, one per CA context it made: each initialize_libca() replaces
+#: the one before, but the old contexts live on and still call theirs (e.g. "unable to
+#: contact CA repeater after 50 tries"), which crashed the test process once it was freed
+_CA_PRINTF_KEEPALIVE: list[Any] = []
 
 
 def use_ca(env: dict[str, str]) -> None:
@@ -197,6 +204,7 @@ def use_ca(env: dict[str, str]) -> None:
     epics.ca.clear_cache()
     os.environ.update(env)
     epics.ca.initialize_libca()
+    _CA_PRINTF_KEEPALIVE.append(epics.ca.ca_printf)
 
 
 def make_ioc(tmp_path: Path, *extra: str) -> Ioc:

@@ -96,7 +96,7 @@ def dm_error(resp: httpx.Response, code: int, name: str, status: int = 200) -> s
     assert resp.headers["Dm-Status-Code"] == str(code), resp.headers.get("Dm-Status-Message")
     assert resp.headers["Dm-Exception-Type"] == name
     message = resp.headers["Dm-Status-Message"]
-    assert message and "\n" not in message and "\r" not in message
+    assert message and message.isascii() and message.isprintable()  # one header line
     body = resp.json()
     assert body["errorCode"] == code
     assert body["exceptionType"] == name
@@ -183,6 +183,7 @@ def test_unknown_route_and_method_give_404(http: httpx.Client) -> None:
     dm_error(raw(http, "GET", "/dm/noSuchThing"), 8, "UrlError", status=404)
     dm_error(raw(http, "DELETE", "/dm/experimentDaqs"), 8, "UrlError", status=404)
     dm_error(raw(http, "GET", "/"), 8, "UrlError", status=404)
+    dm_error(raw(http, "GET", "/dm/%0A"), 8, "UrlError", status=404)  # a decoded newline
 
 
 def test_handled_error_is_http_200_with_dm_headers(http: httpx.Client) -> None:
@@ -207,6 +208,7 @@ def test_malformed_encoded_segment_is_invalid_argument(http: httpx.Client, path:
     wire.encode("{not json"),  # base64 of broken JSON
     wire.encode_json([1, 2]),  # JSON, but not an object
     wire.encode_json(None),
+    wire.encode("[" * 1200),  # nested deeper than Python's recursion limit
 ])
 def test_broken_json_argument_is_invalid_argument(http: httpx.Client, token: str) -> None:
     add_experiment(http, "e1")
@@ -254,6 +256,13 @@ def test_unknown_objects_are_object_not_found(http: httpx.Client, name: str,
                                               values: dict[str, object]) -> None:
     add_experiment(http, "e1")
     dm_error(call(http, name, **values), 14, "ObjectNotFound")
+
+
+def test_control_characters_in_a_message_keep_the_header_printable(http: httpx.Client) -> None:
+    """An error message quoting the client's text is escaped in the header, not dropped."""
+    message = dm_error(call(http, "getExperimentByName", name="a\x06\x1bé", stationName=STATION),
+                       14, "ObjectNotFound")
+    assert "a\x06\x1bé" in message
 
 
 def test_non_numeric_experiment_id_is_invalid_argument(http: httpx.Client) -> None:

@@ -177,6 +177,7 @@ def test_bad_setting_gives_message_and_alarm(ioc: Ioc, suffix: str, value: str, 
     message = ioc.pv(suffix).rsplit(":", 1)[0][len(ioc.prefix):] + ":Message_RBV"
     wait_until(lambda: words.lower() in caget(ioc, message).lower(), 10, f"message for {suffix}")
     assert alarm(ioc, message) == (MINOR, STATE)
+    assert alarm(ioc, suffix) == (0, 0)  # the alarm is on the message, the same on CA and PVA
     assert caget(ioc, suffix) == before  # the bad value was not taken
     assert caget(ioc, "Status:Heartbeat_RBV")  # and the IOC is alive
 
@@ -251,9 +252,15 @@ def test_dm_down_gives_comm_invalid_then_recovers(dm_server: DmServer, tmp_path:
             assert alarm(ioc, suffix) == (INVALID, COMM)
         caput(ioc, "Experiment:Name", "anything")
         assert "unreachable" in caget(ioc, "Experiment:Message_RBV")
+        ctx = ioc.pva_context()
+        try:
+            assert ctx.get(ioc.pv("Jobs")).alarm.severity == INVALID  # tables too
+        finally:
+            ctx.close()
         dm_server.start()
         wait_until(lambda: caget(ioc, "Status:Connected_RBV") == "Connected", 45, "reconnect")
-        assert alarm(ioc, "WF1:Status_RBV") == (0, 0)
+        for suffix in ("WF1:Status_RBV", "Metadata:Message_RBV", "Metadata:DatasetName_RBV"):
+            assert alarm(ioc, suffix) == (0, 0), suffix
     finally:
         ioc.stop()
 
@@ -281,5 +288,36 @@ def test_ioc_restart_reattaches_to_running_job(dm_server: DmServer, tmp_path: Pa
             async with dm_server.client() as dm:
                 return len(await dm.list_processing_jobs())
         assert asyncio.run(count()) == 1  # reattached, never started twice
+    finally:
+        ioc.stop()
+
+
+def test_writing_0_releases_a_waiting_command(ioc: Ioc) -> None:
+    add_workflow(ioc, {"name": "long", "stages": {"01": {"command": "sleep 30"}}})
+    caput(ioc, "WF1:Name", "long")
+    done = threading.Event()
+    threading.Thread(target=lambda: (epics.caput(ioc.pv("WF1:Start"), 1, wait=True, timeout=60),
+                                     done.set()), daemon=True).start()
+    wait_until(lambda: caget(ioc, "WF1:Status_RBV") == "running", 15, "job running")
+    ctx = ioc.pva_context()
+    try:
+        ctx.put(ioc.pv("WF1:Start"), 0)
+    finally:
+        ctx.close()
+    assert done.wait(10), "the waiting put did not end"
+    assert caget(ioc, "WF1:Start") == "Done"
+    assert "stopped waiting" in caget(ioc, "WF1:Message_RBV")
+    assert caget(ioc, "WF1:Status_RBV") == "running"  # the job itself goes on
+
+
+def test_allow_list_by_address_on_pva(tmp_path: Path) -> None:
+    ioc = make_ioc(tmp_path, "--allow-write", "127.0.0.1")
+    try:
+        ctx = ioc.pva_context()
+        try:
+            ctx.put(ioc.pv("WF1:Name"), "by-address")
+        finally:
+            ctx.close()
+        assert caget(ioc, "WF1:Name") == "by-address"
     finally:
         ioc.stop()

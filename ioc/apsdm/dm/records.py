@@ -13,6 +13,12 @@ ACTIVE_STATUSES = frozenset({"pending", "running"})
 TERMINAL_STATUSES = frozenset({"done", "failed", "skipped", "aborted", "timeout"})
 # ended, but not as asked
 FAILED_STATUSES = TERMINAL_STATUSES - {"done"}
+# top-level fields of a processing job: argsDict keys (merged into the job) may not use them
+RESERVED_JOB_KEYS = frozenset({
+    "id", "owner", "status", "stage", "workflow", "submissionTime", "submissionTimestamp",
+    "startTime", "startTimestamp", "endTime", "endTimestamp", "runTime", "countFiles",
+    "errorMessage",
+})
 
 
 def _num(d: dict[str, Any], key: str, default: float = 0) -> float:

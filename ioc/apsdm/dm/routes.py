@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from . import wire
 
@@ -55,8 +55,8 @@ class Route:
         """The path and query exactly as the vendor client writes them."""
 
         def segment(m: re.Match[str]) -> str:
-            value = str(values[m.group(1)])
-            return wire.encode(value) if m.group(2) == "e" else value
+            value = str(values[m.group(1)])  # a plain one is %-quoted: "a/b" stays one segment
+            return wire.encode(value) if m.group(2) == "e" else quote(value, safe="")
 
         path = _FIELD.sub(segment, self.template)
         parts = []

@@ -47,3 +47,5 @@ def decode_json(token: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"argument is not valid JSON: {exc.msg}") from exc
+    except RecursionError:
+        raise InvalidArgument("argument is JSON nested too deeply") from None

@@ -33,6 +33,8 @@ __all__ = ["EmbeddedService", "start_service"]
 log = logging.getLogger(__name__)
 
 LOGIN_USER = "dm"
+#: one line per request; ``dm=`` is DM's status code (0 ok, 10 InvalidArgument, ...; "-" login)
+ACCESS_LOG_FORMAT = '%a "%r" %s %b dm=%{Dm-Status-Code}o %Tfs'
 
 
 @dataclass
@@ -111,7 +113,7 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
     closers = [daqs.shutdown, uploads.shutdown, processing.shutdown, close_rest]
     app = build_app(Sessions(credentials), [experiments, daqs, uploads, processing, catalog])
     runner = web.AppRunner(app, access_log=logging.getLogger("apsdm.dmserver.access"),
-                           shutdown_timeout=5.0)
+                           access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=5.0)
     try:
         processing.recover()
         daqs.recover()

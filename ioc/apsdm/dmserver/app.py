@@ -40,7 +40,14 @@ from apsdm.dm.errors import (
 
 from .daq import FindExperiment, relative_path
 from .store import JOB_SUMMARY_KEYS, Doc, Store, ThrottledSaver
-from .workflow import JobRunner, interrupted, new_job, validate_workflow
+from .workflow import (
+    JobRunner,
+    interrupted,
+    kill_leftovers,
+    milestone,
+    new_job,
+    validate_workflow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +244,7 @@ class Processing:
     def __init__(self, store: Store, jobs_root: Path) -> None:
         self._store = store
         self._jobs_root = jobs_root
-        self._saver = ThrottledSaver(store.save_job)
+        self._saver = ThrottledSaver(store.save_job, milestone=milestone)
         self._live: dict[str, Doc] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._closing = False
@@ -294,6 +301,10 @@ class Processing:
             self._live.pop(job["id"], None)
             self._tasks.pop(job["id"], None)
 
+    def _latest(self, job: Doc) -> Doc:
+        """A running job as it is this instant (its stored record may be a moment old)."""
+        return self._live.get(job["id"], job)
+
     def getProcessingJobById(self, owner: str, id: str) -> Doc:
         job = self._live.get(id) or self._store.job(id)
         if job is None or job["owner"] != owner:
@@ -307,9 +318,11 @@ class Processing:
         keys, query = _key_list(keyList), _query(queryDict)
         first, count = _count(skip, "skip") or 0, _count(limit, "limit")
         summary = keys == JOB_SUMMARY_KEYS and not query
-        jobs = [self._live.get(j["id"], j) for j in self._store.jobs(owner, summary)]
-        jobs = [j for j in jobs if _matches(j, query)]
-        jobs = jobs[first:] if count is None else jobs[first:first + count]
+        if query:
+            jobs = [j for j in map(self._latest, self._store.jobs(owner)) if _matches(j, query)]
+            jobs = jobs[first:] if count is None else jobs[first:first + count]
+        else:  # the store skips and limits: a client polling what is new reads only that
+            jobs = list(map(self._latest, self._store.jobs(owner, summary, first, count)))
         if keys is None:
             return jobs
         return [{k: j[k] for k in keys if k in j} for j in jobs]
@@ -317,6 +330,7 @@ class Processing:
     def recover(self) -> None:
         """At start: jobs that were pending or running cannot be resumed, so they failed."""
         for job in self._store.active_jobs():
+            kill_leftovers(job)  # after a crash its processes may still run
             self._store.save_job(interrupted(job, "interrupted: DM service restarted"))
             log.info("job %s marked failed: interrupted by a restart", job["id"])
 
@@ -406,7 +420,9 @@ def error_response(err: DmError, status: int = 200) -> web.Response:
     """DM's answer for a handled error: status headers and a JSON body."""
     name = exception_type_name(err)
     one_line = " ".join(err.message.split())
-    header = one_line.encode("ascii", "backslashreplace").decode("ascii")[:1000]
+    # printable ASCII only: a control character (e.g. from a name the client sent) would
+    # make the HTTP layer drop the answer, which the client would take for DM being down
+    header = one_line.encode("unicode_escape").decode("ascii")[:1000]
     body = {"errorMessage": err.message, "errorCode": err.code, "exceptionType": name}
     return web.json_response(body, status=status, headers={
         "Dm-Status-Code": str(err.code), "Dm-Status-Message": header,
@@ -483,5 +499,6 @@ def build_app(sessions: Sessions, services: Iterable[object]) -> web.Application
             raise RuntimeError(f"DM route {name} has {len(owners)} handlers, not 1")
         handlers[name] = getattr(owners[0], name)
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", _Dispatcher(sessions, handlers).handle)
+    # every path, a decoded newline included ('.' would leave those to aiohttp's plain 404)
+    app.router.add_route("*", r"/{tail:[\s\S]*}", _Dispatcher(sessions, handlers).handle)
     return app

@@ -13,6 +13,8 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
+import shutil
 import stat
 import threading
 import time
@@ -46,6 +48,7 @@ WAITING, DONE, ERROR = "waiting", "done", "error"
 FileStat = tuple[int, int]  # (size, mtime_ns): a file's version
 FindExperiment = Callable[[str], Doc]  # experiment name -> full record, or ObjectNotFound
 CatalogFile = Callable[[str, str, int, str], None]  # experiment, experimentFilePath, size, md5
+Catalogued = Callable[[str, str], bool]  # experiment, experimentFilePath -> in the catalog
 
 
 class TransferFailed(Exception):
@@ -190,6 +193,39 @@ def copy_file(src: Path, dst: Path, abort: threading.Event, expect: FileStat | N
     return version[0], digest.hexdigest()
 
 
+#: names of copy_file's temporary files and of directory-mode uploads' staging trees
+_LEFTOVER = re.compile(r"\..+\.dmpart-[0-9a-f]{8}|\.dm-staging-[0-9a-f-]{36}")
+
+
+def remove_leftovers(root: Path) -> int:
+    """Delete the temporary files and staging trees under root that copies cut short by a
+    crash (SIGKILL, power loss) left behind; return how many. Only safe while no transfer
+    writes under root, i.e. when the service starts."""
+    removed = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [d for d in dirnames if _LEFTOVER.fullmatch(d)]:
+            dirnames.remove(name)
+            shutil.rmtree(os.path.join(dirpath, name), ignore_errors=True)
+            removed += 1
+        for name in filenames:
+            if _LEFTOVER.fullmatch(name):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(dirpath, name))
+                removed += 1
+    return removed
+
+
+def size_md5(path: Path) -> tuple[int, str]:
+    """A file's size and md5, as a copy catalogues them."""
+    digest = hashlib.md5(usedforsecurity=False)
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()
+
+
 def describe(exc: OSError) -> str:
     """An OSError in words, without Python's class name."""
     return f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
@@ -199,7 +235,7 @@ class Transfer:
     """A DAQ or upload record, and the per-file states behind its counters."""
 
     def __init__(self, kind: str, doc: Doc, target: Path, save: Callable[[Doc], None],
-                 catalog: CatalogFile) -> None:
+                 catalog: CatalogFile, catalogued: Catalogued) -> None:
         self.kind = kind
         self.doc = doc
         self.source = Path(doc["dataDirectory"])
@@ -209,6 +245,7 @@ class Transfer:
         self.stop_requested = False
         self._save = save
         self._catalog = catalog
+        self._catalogued = catalogued
         self._prefix = PurePosixPath(doc["destDirectory"] or ".")
         self._states: dict[str, str] = {}
         self._counts: Counter[str] = Counter()
@@ -249,10 +286,30 @@ class Transfer:
         self._catalog(self.doc["experimentName"], str(self._prefix / rel), size, md5)
         self.set_state(rel, DONE)
 
+    async def found_copied(self, rel: str) -> None:
+        """A file already in place (copied before a restart): count it, and catalogue it if
+        a crash came between its copy and its catalogue entry."""
+        if self._catalogued(self.doc["experimentName"], str(self._prefix / rel)):
+            self.set_state(rel, DONE)
+            return
+        try:
+            self.record(rel, *await asyncio.to_thread(size_md5, self.target / rel))
+        except OSError as exc:
+            self.set_state(rel, ERROR, describe(exc))
+
+    def leaves_storage(self, path: Path) -> bool:
+        """Whether path's directory, symlinks resolved, lies outside the experiment's storage
+        (a link planted under the destination after the transfer was checked and started)."""
+        storage = Path(self.doc.get("storageDirectory") or self.target).resolve()
+        return not path.parent.resolve().is_relative_to(storage)
+
     async def copy(self, rel: str, expect: FileStat | None = None, skip_copied: bool = True
                    ) -> bool:
         """Copy one file and record the outcome; False if it was not version ``expect``."""
         dst = self.target / rel
+        if self.leaves_storage(dst):
+            self.set_state(rel, ERROR, f"{dst.parent} leads out of the experiment directory")
+            return True
         try:
             result = await asyncio.to_thread(copy_file, self.source / rel, dst, self.abort,
                                              expect, dst if skip_copied else None)
@@ -262,7 +319,7 @@ class Transfer:
             self.set_state(rel, ERROR, describe(exc))
             return True
         if result is None:
-            self.set_state(rel, DONE)  # copied before (e.g. before a restart)
+            await self.found_copied(rel)
         else:
             self.record(rel, *result)
         return True
@@ -336,7 +393,11 @@ class TransferService:
         experiment = self._find(doc["experimentName"])
         dest = relative_path(doc["destDirectory"], "destDirectory")
         target = destination(experiment, dest, Path(doc["dataDirectory"]))
-        return Transfer(self.kind, doc, target, self._saver.save, self._catalog)
+        return Transfer(self.kind, doc, target, self._saver.save, self._catalog,
+                        self._catalogued)
+
+    def _catalogued(self, experiment: str, path: str) -> bool:
+        return self._store.file(experiment, path) is not None
 
     def _launch(self, transfer: Transfer) -> None:
         """Mark a transfer running and carry it out in its own task."""
@@ -370,6 +431,9 @@ class TransferService:
                 continue
             log.info("resuming %s %s of experiment %s", self.kind, doc["id"],
                      doc["experimentName"])
+            if removed := remove_leftovers(transfer.target):  # before any copy starts
+                log.info("removed %d temporary files left by copies cut short under %s",
+                         removed, transfer.target)
             self._launch(transfer)
 
     async def shutdown(self) -> None:

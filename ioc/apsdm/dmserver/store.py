@@ -174,10 +174,12 @@ class Store:
     def job(self, id: str) -> Doc | None:
         return self._doc("SELECT doc FROM jobs WHERE id = ?", id)
 
-    def jobs(self, owner: str, summary: bool = False) -> list[Doc]:
+    def jobs(self, owner: str, summary: bool = False, skip: int = 0,
+             limit: int | None = None) -> list[Doc]:
         """An owner's jobs in submission order: whole records, or only the DEFAULT keys."""
         column = "summary" if summary else "doc"
-        return self._docs(f"SELECT {column} FROM jobs WHERE owner = ? ORDER BY rowid", owner)
+        return self._docs(f"SELECT {column} FROM jobs WHERE owner = ? ORDER BY rowid "
+                          "LIMIT ? OFFSET ?", owner, -1 if limit is None else limit, skip)
 
     def active_jobs(self) -> list[Doc]:
         return self._docs("SELECT doc FROM jobs WHERE status IN ('pending', 'running')")
@@ -201,24 +203,32 @@ class Store:
                          experiment, path)
 
 
-class ThrottledSaver:
-    """Writes a changing record at most once per ``period`` seconds; a new status at once.
+def _status(doc: Doc) -> Any:
+    return doc.get("status", "")
 
-    Records are mutated in place, so a deferred write stores the latest state. Once a
-    record leaves pending/running its bookkeeping is dropped.
+
+class ThrottledSaver:
+    """Writes a changing record at most once per ``period`` seconds; a new milestone at once.
+
+    A record's milestone is its status unless ``milestone`` says otherwise (e.g. also the
+    processes a job started, which a restart must know about). Records are mutated in
+    place, so a deferred write stores the latest state. Once a record leaves
+    pending/running its bookkeeping is dropped.
     """
 
-    def __init__(self, write: Callable[[Doc], None], period: float = 0.5) -> None:
+    def __init__(self, write: Callable[[Doc], None], period: float = 0.5,
+                 milestone: Callable[[Doc], Any] = _status) -> None:
         self._write = write
         self._period = period
-        self._last: dict[str, tuple[float, str]] = {}  # id -> (monotonic time, status) written
+        self._milestone = milestone
+        self._last: dict[str, tuple[float, Any]] = {}  # id -> (monotonic time, milestone) written
         self._deferred: dict[str, tuple[asyncio.TimerHandle, Doc]] = {}
 
     def save(self, doc: Doc, force: bool = False) -> None:
-        key, status = doc["id"], doc.get("status", "")
-        last_time, last_status = self._last.get(key, (float("-inf"), ""))
+        key = doc["id"]
+        last_time, last_milestone = self._last.get(key, (float("-inf"), None))
         wait = last_time + self._period - time.monotonic()
-        if force or status != last_status or wait <= 0:
+        if force or self._milestone(doc) != last_milestone or wait <= 0:
             self._now(doc)
         elif key not in self._deferred:
             handle = asyncio.get_running_loop().call_later(wait, self._now, doc)
@@ -231,7 +241,7 @@ class ThrottledSaver:
             pending[0].cancel()
         self._write(doc)
         if status in ("pending", "running"):
-            self._last[key] = (time.monotonic(), status)
+            self._last[key] = (time.monotonic(), self._milestone(doc))
         else:
             self._last.pop(key, None)
 

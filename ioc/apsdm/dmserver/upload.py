@@ -18,7 +18,6 @@ from typing import Any
 from apsdm.dm.errors import InvalidArgument
 
 from .daq import (
-    DONE,
     ERROR,
     WAITING,
     CopyAborted,
@@ -123,14 +122,14 @@ class UploadService(TransferService):
         staging = transfer.target / f".dm-staging-{transfer.id}"
         try:
             copied = await asyncio.to_thread(_stage, transfer, files, staging, reprocess)
-            await asyncio.to_thread(_merge, staging, transfer.target, list(copied))
+            await asyncio.to_thread(_merge, staging, transfer, list(copied))
         finally:
             await asyncio.to_thread(shutil.rmtree, staging, True)
         for rel in files:
             if rel in copied:
                 transfer.record(rel, *copied[rel])
             else:
-                transfer.set_state(rel, DONE)  # copied before
+                await transfer.found_copied(rel)
 
 
 def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
@@ -150,10 +149,12 @@ def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
     return copied
 
 
-def _merge(staging: Path, target: Path, files: list[str]) -> None:
+def _merge(staging: Path, transfer: Transfer, files: list[str]) -> None:
     """Move staged files to their final names (renames within one file system)."""
     for rel in files:
-        final = target / rel
+        final = transfer.target / rel
+        if transfer.leaves_storage(final):
+            raise TransferFailed(f"{final.parent} leads out of the experiment directory")
         try:
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(staging / rel, final)

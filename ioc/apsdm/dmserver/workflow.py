@@ -25,28 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from apsdm.dm.errors import InvalidArgument
+from apsdm.dm.records import RESERVED_JOB_KEYS
 
 log = logging.getLogger(__name__)
 
 #: Top-level job fields; argsDict keys and output variables may not use these names.
-RESERVED_KEYS = frozenset(
-    {
-        "id",
-        "owner",
-        "status",
-        "stage",
-        "workflow",
-        "submissionTime",
-        "submissionTimestamp",
-        "startTime",
-        "startTimestamp",
-        "endTime",
-        "endTimestamp",
-        "runTime",
-        "countFiles",
-        "errorMessage",
-    }
-)
+RESERVED_KEYS = RESERVED_JOB_KEYS
 #: DM's own message for a ``$filePath`` workflow started without a file spec.
 INVALID_FILE_SPEC = "Invalid input file specification."
 #: Stored stdout/stderr of a child process keeps at most this many trailing bytes.
@@ -242,6 +226,60 @@ def interrupted(job: dict, reason: str) -> dict:
     if job.get("status") in ("pending", "running"):
         _end_job(job, "failed", reason)
     return job
+
+
+def milestone(job: dict) -> tuple[str, int]:
+    """What must be saved at once when it changes: the status and the processes started."""
+    started = sum("pid" in child for stage in (job.get("workflow") or {}).get("stages", {}).values()
+                  for child in (stage.get("childProcesses") or {}).values())
+    return job.get("status", ""), started
+
+
+def kill_leftovers(job: dict) -> int:
+    """Kill the process groups that a job's running children left when the service died
+    without stopping them (SIGKILL, crash); return how many groups were killed.
+
+    A group is killed only if one of its processes still runs in the child's working
+    directory, so a process id reused since then is never touched.
+    """
+    killed = 0
+    for stage in (job.get("workflow") or {}).get("stages", {}).values():
+        for child in (stage.get("childProcesses") or {}).values():
+            pgid = child.get("pid")
+            if child.get("status") != "running" or not isinstance(pgid, int) or pgid <= 1:
+                continue
+            if any(_cwd(pid) == child.get("workingDir") for pid in _group(pgid)):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, signal.SIGKILL)
+                    killed += 1
+                    log.warning("job %s: killed process group %d left by a stopped service",
+                                job.get("id"), pgid)
+    return killed
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of a process group (Linux /proc; none where it does not exist)."""
+    members = []
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as fh:
+                    stat = fh.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+            if len(fields) > 2 and int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    return members
+
+
+def _cwd(pid: int) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
 
 
 def _end_job(job: dict, status: str, error: str | None = None) -> None:
@@ -678,6 +716,8 @@ class JobRunner:
             except (OSError, ValueError) as exc:
                 self._end_child(stage, child, None, "", f"Cannot start command: {exc}")
                 return
+            child["pid"] = proc.pid  # its process group, killed at restart if orphaned
+            self._notify()
             out, err = _Tail(), _Tail()
             try:
                 await asyncio.gather(out.drain(proc.stdout), err.drain(proc.stderr))

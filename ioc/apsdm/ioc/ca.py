@@ -23,12 +23,17 @@ from caproto import (
     ChannelType,
 )
 from caproto._data import SkipWrite
+from caproto._dbr import native_float_types, native_type
 from caproto.asyncio.server import Context
 
 from .hub import Alarm, Hub, PutRejected, Writer, current_writer
 from .schema import PV, Kind
 
 log = logging.getLogger(__name__)
+
+# caproto keeps each subscription's last N updates, sent or not (its default, 1000, grows
+# RSS by up to 1000 copies of every monitored value); a slow client loses the oldest
+SUBSCRIPTION_BACKLOG = 10
 
 
 class _GatewayChannel:
@@ -44,7 +49,8 @@ class _GatewayChannel:
 
     async def auth_write(self, hostname: str, username: str, data: Any, data_type: Any,
                          metadata: Any, *, flags: int = 0, user_address: Any = None) -> Any:
-        token = current_writer.set(Writer("ca", hostname, username))
+        address = user_address[0] if user_address else ""
+        token = current_writer.set(Writer("ca", hostname, username, address))
         try:
             return await super().auth_write(  # type: ignore[misc]
                 hostname, username, data, data_type, metadata, flags=flags,
@@ -54,18 +60,35 @@ class _GatewayChannel:
 
     async def write_from_dbr(self, data: Any, data_type: Any, metadata: Any, *,
                              flags: int = 0) -> Any:
-        # caproto 1.3 cannot convert an all-NUL CHAR array (an empty string) from the
-        # wire; that is how CA clients clear a long string, so take it as ""
-        if data_type in (ChannelType.CHAR, ChannelType.TIME_CHAR) and not any(bytes(data)):
-            return await self.write("", flags=flags)
-        return await super().write_from_dbr(  # type: ignore[misc]
-            data, data_type, metadata, flags=flags)
-
-    def preprocess_value(self, value: Any) -> Any:
+        """A client write from the wire; one caproto cannot convert is refused via the hub."""
         try:
-            return super().preprocess_value(value)  # type: ignore[misc]
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise PutRejected(f"{self.pv.name}: value refused ({exc})") from None
+            # caproto 1.3 cannot convert an all-NUL CHAR array (an empty string) from the
+            # wire; that is how CA clients clear a long string, so take it as ""
+            if data_type in (ChannelType.CHAR, ChannelType.TIME_CHAR) and not any(bytes(data)):
+                return await self.write("", flags=flags)
+            # caproto would cast a float to a choice index (NaN and 1.5 included): let the
+            # hub check the number itself, as it does for PVA
+            if (self.pv.field.kind in (Kind.ENUM, Kind.BUSY) and len(data) == 1
+                    and native_type(data_type) in native_float_types):
+                return await self.write(float(data[0]), flags=flags)
+            return await super().write_from_dbr(  # type: ignore[misc]
+                data, data_type, metadata, flags=flags)
+        except (UnicodeError, ValueError, TypeError) as exc:  # before the hub saw the value
+            why = str(exc) or str(exc.__cause__ or "") or type(exc).__name__
+            refusal = PutRejected(f"{self.pv.name}: value refused ({why})")
+            await self.hub.refused(self.pv, refusal, current_writer.get() or Writer("ca", "", ""))
+            raise refusal from None
+
+    async def write(self, *args: Any, **kwargs: Any) -> Any:
+        # caproto marks a refused write WRITE/MAJOR on this channel only; show the hub's
+        # alarm instead, so CA and PVA agree and no stale alarm sticks to a setting
+        try:
+            return await super().write(*args, **kwargs)  # type: ignore[misc]
+        except Exception:
+            alarm = self.hub.alarms[self.pv.name]
+            await self.alarm.write(status=AlarmStatus(alarm.status),  # type: ignore[attr-defined]
+                                   severity=AlarmSeverity(alarm.severity))
+            raise
 
     async def verify_value(self, value: Any) -> Any:
         writer = current_writer.get() or Writer("ca", "", "")
@@ -76,8 +99,8 @@ class _GatewayChannel:
 def _channel(pv: PV, hub: Hub) -> Any:
     """The caproto channel for one schema PV."""
     f = pv.field
-    if f.kind is Kind.STRING:
-        base, kw = ChannelString, {"value": ""}
+    if f.kind is Kind.STRING:  # UTF-8 as on PVA (caproto's default is latin-1)
+        base, kw = ChannelString, {"value": "", "string_encoding": "utf-8"}
     elif f.kind is Kind.LONGSTRING:
         base, kw = ChannelChar, {"value": "", "max_length": f.max_length,
                                  "string_encoding": "utf-8"}
@@ -88,7 +111,7 @@ def _channel(pv: PV, hub: Hub) -> Any:
     else:  # ENUM, BUSY
         base, kw = ChannelEnum, {"value": f.enums[0], "enum_strings": list(f.enums)}
     cls = type(f"Gateway{base.__name__}", (_GatewayChannel, base), {})
-    chan = cls(**kw)
+    chan = cls(**kw, max_subscription_backlog=SUBSCRIPTION_BACKLOG)
     chan.hub, chan.pv = hub, pv
     return chan
 

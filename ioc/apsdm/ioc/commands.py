@@ -8,22 +8,31 @@ slot's ``Message_RBV`` with an alarm and a failed put.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import math
 import posixpath
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from apsdm.dm import DmClient, DmError
+from apsdm.dm import CommunicationError, DmClient, DmError
+from apsdm.dm.records import RESERVED_JOB_KEYS
 
-from .hub import OK, Hub, PutRejected, Writer
+from .hub import OK, STATUS_COMM, Hub, PutRejected, Writer, coerce, state_alarm
 from .persist import Persistence
-from .poller import Poller
+from .poller import Poller, Snapshot
 from .schema import PV, STREAM_STATES, Kind
 
 log = logging.getLogger(__name__)
+
+#: a DM account name (workflow owner): it becomes a URL path segment, so no '/', '?', ' ', ...
+_USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]*")
+#: a job argument: a ``$name`` variable of the workflow's commands
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _dm_refusal(action: str, exc: DmError) -> PutRejected:
@@ -50,6 +59,14 @@ def relative_path(label: str, path: str) -> str:
     return posixpath.normpath(path) if path else ""
 
 
+def username(label: str, name: str) -> str:
+    """A DM account name, or blank for the DM user; anything else is refused with why."""
+    if name and not _USERNAME.fullmatch(name):
+        raise PutRejected(f"{label} {name!r} is not a DM user name "
+                          "(letters, digits, '.', '_', '@', '-')")
+    return name
+
+
 def json_object(label: str, text: str) -> dict[str, Any]:
     """Parse a JSON object (``{}`` when blank); anything else is refused with why."""
     if not text.strip():
@@ -58,9 +75,29 @@ def json_object(label: str, text: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PutRejected(f"{label} is not valid JSON: {exc.msg} at character {exc.pos}") from None
+    except RecursionError:
+        raise PutRejected(f"{label} is nested too deeply") from None
     if not isinstance(value, dict):
         raise PutRejected(f"{label} must be a JSON object, not {type(value).__name__}")
     return value
+
+
+def job_args(label: str, text: str) -> dict[str, Any]:
+    """WFn:Args as DM takes them: a JSON object of variables with string or number values
+    (``filePathList`` may be a list of strings); anything else is refused with why."""
+    args = json_object(label, text)
+    for key, value in args.items():
+        if key in RESERVED_JOB_KEYS:
+            raise PutRejected(f"{label}: {key!r} is a job field that DM reserves")
+        if not _VARIABLE.fullmatch(key):
+            raise PutRejected(f"{label}: {key!r} is not a variable name (letters, digits, '_')")
+        if key == "filePathList" and isinstance(value, list):
+            ok = all(isinstance(v, str) and "\0" not in v for v in value)
+        else:
+            ok = isinstance(value, int | float) or (isinstance(value, str) and "\0" not in value)
+        if not ok:
+            raise PutRejected(f"{label}: the value of {key} must be a string or a number")
+    return args
 
 
 class Commands:
@@ -69,6 +106,7 @@ class Commands:
     def __init__(self, hub: Hub, dm: DmClient, poller: Poller, persist: Persistence) -> None:
         self.hub, self.dm, self.poller, self.persist = hub, dm, poller, persist
         self.p = poller.p
+        self._starting: dict[tuple[str, str], asyncio.Lock] = {}  # (owner, workflow)
 
     def register(self) -> None:
         """Attach handlers by PV role; plain settings are checked, stored and saved."""
@@ -92,15 +130,15 @@ class Commands:
                 self.hub.handle(pv.name, self.stream_write)
             else:
                 self.hub.handle(pv.name, self.setting)
-        self.hub.on_write.append(self._record_writer)
+        self.hub.on_command.append(self._record_writer)
 
     def _key(self, pv: PV) -> str:
         return pv.name[len(self.p):]
 
-    async def _record_writer(self, pv: PV, _value: Any, writer: Writer) -> None:
-        if pv.field.kind is Kind.BUSY:
-            await self.hub.post(f"{self.p}Status:LastWriter_RBV",
-                                f"{writer} {self._key(pv)} {time.strftime('%H:%M:%S')}")
+    async def _record_writer(self, pv: PV, writer: Writer) -> None:
+        """Status:LastWriter_RBV: who started which command, and when."""
+        await self.hub.post(f"{self.p}Status:LastWriter_RBV",
+                            f"{writer} {self._key(pv)} {time.strftime('%H:%M:%S')}")
 
     # --- settings -----------------------------------------------------------------------
 
@@ -108,10 +146,25 @@ class Commands:
         """Put saved settings back on their PVs (autosave's job in a record IOC)."""
         for key, value in self.persist.settings.items():
             name = self.p + key
-            if name in self.hub.pvs and self.hub.pvs[name].field.autosave:
-                await self.hub.post(name, value)
+            pv = self.hub.pvs.get(name)
+            if pv is None or not pv.field.autosave:
+                continue
+            try:  # a hand-edited state file is checked like a client write
+                await self.hub.post(name, coerce(pv, value))
+            except PutRejected as exc:
+                log.error("saved setting not restored: %s", exc)
         name = self.persist.settings.get("Experiment:Name", "")
         self.poller.experiment_name = name
+        self._poll_owners()
+
+    def _poll_owners(self, pending: dict[str, str] | None = None) -> None:
+        """The owners whose jobs the poller lists: every WFn:Owner and owners of started jobs
+        (``pending``: PV name -> value being written), so old settings add no DM calls."""
+        owners = {pv.name: self.hub[pv.name] for pv in self.hub.pvs.values()
+                  if pv.group == "WF" and pv.suffix == "Owner"}
+        owners.update(pending or {})
+        started = set(self.persist.owners.values())  # owners of the jobs the slots started
+        self.poller.owners = started | {o for o in owners.values() if _USERNAME.fullmatch(o)}
 
     async def setting(self, pv: PV, value: Any, _writer: Writer) -> Any:
         """Check a setting where it can be checked alone, then store and save it."""
@@ -121,23 +174,33 @@ class Commands:
                 value = absolute_path(pv.name, value)
             elif suffix == "DestDirectory":
                 value = relative_path(pv.name, value)
-            elif suffix in ("Args", "Json"):
+            elif suffix == "Args":
+                job_args(pv.name, value)
+            elif suffix == "Json":
                 json_object(pv.name, value)
-        if suffix == "Owner" and value:
-            self.poller.owners.add(value)
+            elif suffix == "Owner":
+                username(pv.name, value)
+        if suffix == "Owner":
+            self._poll_owners({pv.name: value})
         if pv.field.autosave:
             self.persist.settings[self._key(pv)] = value
             self.persist.save()
-        await self.hub.post(self.hub.message_pv(pv), "", OK)
+        message = self.hub.message_pv(pv)
+        if self.hub.alarms[message].status != STATUS_COMM:  # DM down stays visible
+            await self.hub.post(message, "", OK)
         return value
 
     async def stream_write(self, pv: PV, value: dict[str, Any], _writer: Writer) -> Any:
+        """A streaming handshake write: a known state, a bounded message, a finite timestamp."""
         state = value.get("state")
         if state not in STREAM_STATES:
             raise PutRejected(f"{pv.name}: state {state!r} is not one of {', '.join(STREAM_STATES)}")
         if len(str(value.get("message", ""))) > 4000:
             raise PutRejected(f"{pv.name}: message too long")
-        return {**value, "timestamp": float(value.get("timestamp") or time.time())}
+        timestamp = float(value.get("timestamp") or time.time())
+        if not math.isfinite(timestamp):
+            raise PutRejected(f"{pv.name}: timestamp {timestamp} is not a finite number")
+        return {**value, "timestamp": timestamp}
 
     # --- experiment ---------------------------------------------------------------------
 
@@ -148,18 +211,25 @@ class Commands:
             raise PutRejected("no DM experiment selected: write Experiment:Name first")
         return exp.name
 
+    async def _dm_ready(self) -> None:
+        """Refuse a command, sending nothing, while DM is unreachable (see
+        :meth:`Poller.ensure_connected`); call it after the inputs are checked."""
+        try:
+            await self.poller.ensure_connected()
+        except CommunicationError as exc:
+            raise PutRejected(f"not sent: {exc.message}") from None
+
     async def select_experiment(self, pv: PV, name: str, _writer: Writer) -> str:
         name = name.strip()
         if not name:
-            self.poller.experiment_name = ""
-            self.poller.snapshot.experiment = None
+            self.poller.select("", None)
         else:
+            await self._dm_ready()
             try:
                 exp = await self.dm.get_experiment(name)
             except DmError as exc:
                 raise _dm_refusal(f"experiment {name!r} not selected", exc) from None
-            self.poller.experiment_name = name
-            self.poller.snapshot.experiment = exp
+            self.poller.select(name, exp)
         self.persist.settings["Experiment:Name"] = name
         self.persist.save()
         await self.hub.post(f"{self.p}Experiment:Message_RBV", "", OK)
@@ -168,11 +238,27 @@ class Commands:
 
     # --- DAQs ---------------------------------------------------------------------------
 
-    async def _remember(self, slot: str, obj_id: str) -> None:
-        self.persist.ids[slot] = obj_id
-        self.persist.save()
+    async def _remember(self, slot: str, obj_id: str, owner: str = "") -> None:
+        """Follow what a slot started; keep its id (and job owner) on disk for restarts."""
         self.poller.ids[slot] = obj_id
         self.poller.poll_soon()
+        self.persist.ids[slot] = obj_id
+        if owner:
+            self.persist.owners[slot] = owner
+        try:
+            self.persist.save()
+        except OSError as exc:  # it has started all the same: say so, don't refuse
+            log.error("state not saved: %s", exc)
+            await self.hub.post(f"{self.p}{slot}:Message_RBV",
+                                f"started {obj_id[:8]}, but not saved for restarts: {exc.strerror}",
+                                state_alarm("state not saved"))
+
+    async def _follow(self, find: Callable[[Snapshot], Any], what: str) -> Any:
+        """Wait until the started DAQ, upload or job has ended (see :meth:`Poller.follow`)."""
+        try:
+            return await self.poller.follow(find, what)
+        except LookupError as exc:
+            raise PutRejected(str(exc)) from None
 
     async def daq_start(self, n: int) -> None:
         """Start the slot's DAQ, or adopt an active one on the same experiment and tree."""
@@ -180,6 +266,7 @@ class Commands:
         experiment = self._experiment()
         directory = absolute_path(s + "DataDirectory", self.hub[s + "DataDirectory"])
         dest = relative_path(s + "DestDirectory", self.hub[s + "DestDirectory"])
+        await self._dm_ready()
         try:
             for daq in await self.dm.list_daqs():
                 if (daq.active and daq.experiment_name == experiment
@@ -200,12 +287,13 @@ class Commands:
         daq = self.poller.snapshot.daqs.get(daq_id)
         if daq is None or not daq.active:
             raise PutRejected(f"DAQ{n} has no active DAQ to stop")
+        await self._dm_ready()
         try:
             await self.dm.stop_daq(daq.experiment_name, daq.data_directory)
         except DmError as exc:
             raise _dm_refusal("DAQ not stopped", exc) from None
         self.poller.poll_soon()
-        await self.poller.wait_for(lambda snap: _ended(snap.daqs.get(daq_id)))
+        await self._follow(lambda snap: snap.daqs.get(daq_id), f"DAQ {daq_id[:8]}")
         await self.hub.post(s + "Message_RBV", f"DAQ {daq_id[:8]} stopped")
 
     # --- uploads ------------------------------------------------------------------------
@@ -223,13 +311,14 @@ class Commands:
         else:
             directory = path
             info["processingMode"] = "directory"
+        await self._dm_ready()
         try:
             upload = await self.dm.upload(experiment, directory, **info)
         except DmError as exc:
             raise _dm_refusal("upload not started", exc) from None
         await self._remember(f"UP{n}", upload.id)
-        snap = await self.poller.wait_for(lambda snap: _ended(snap.uploads.get(upload.id)))
-        final = snap.uploads[upload.id]
+        final = await self._follow(lambda snap: snap.uploads.get(upload.id),
+                                   f"upload {upload.id[:8]}")
         if final.status != "done":
             raise PutRejected(f"upload {upload.id[:8]} {final.status}: {final.error_message}")
 
@@ -241,20 +330,26 @@ class Commands:
         name = self.hub[s + "Name"].strip()
         if not name:
             raise PutRejected(f"{s}Name is empty: which workflow?")
-        args = json_object(s + "Args", self.hub[s + "Args"])
+        args = job_args(s + "Args", self.hub[s + "Args"])
         owner = self.hub[s + "Owner"].strip() or self.dm.username
-        if self.hub[s + "WaitForOthers"]:
-            await self.hub.post(s + "Message_RBV", f"waiting for other {name} jobs to end")
-            await self.poller.wait_for(lambda snap: not any(
-                j.workflow_name == name and not j.finished for j in snap.jobs.values()))
-        try:
-            job = await self.dm.start_processing_job(name, args, owner=owner)
-        except DmError as exc:
-            raise _dm_refusal(f"workflow {name} not started", exc) from None
-        self.poller.owners.add(owner)
-        await self._remember(f"WF{n}", job.id)
-        snap = await self.poller.wait_for(lambda snap: _ended(snap.jobs.get(job.id)))
-        final = snap.jobs[job.id]
+        # one start at a time per workflow, so two slots that wait for others cannot both
+        # see "none running" and start together
+        async with self._starting.setdefault((owner, name), asyncio.Lock()):
+            if self.hub[s + "WaitForOthers"]:
+                await self.hub.post(s + "Message_RBV", f"waiting for other {name} jobs to end")
+                polls = self.poller.snapshot.polls  # decide on a poll made after this point
+                self.poller.poll_soon()
+                await self.poller.wait_for(lambda snap: snap.polls > polls + 1 and not any(
+                    j.workflow_name == name and j.owner == owner and not j.finished
+                    for j in snap.jobs.values()))
+            await self._dm_ready()
+            try:
+                job = await self.dm.start_processing_job(name, args, owner=owner)
+            except DmError as exc:
+                raise _dm_refusal(f"workflow {name} not started", exc) from None
+            await self._remember(f"WF{n}", job.id, owner)
+            self._poll_owners()
+        final = await self._follow(lambda snap: snap.jobs.get(job.id), f"job {job.id[:8]}")
         if final.status != "done":
             raise PutRejected(f"job {job.id[:8]} {final.status}: {final.error_message}")
 
@@ -269,19 +364,13 @@ class Commands:
             raise PutRejected(f"{m}Json is empty: nothing to upload")
         uid = str(metadata.get("uid") or metadata.get("bluesky_run_uid") or uuid.uuid4())
         name = str(metadata.get("datasetName") or f"run_uid8_{uid[:8]}")
+        await self._dm_ready()
         try:
             await self.dm.add_dataset(experiment, name, bluesky_run_uid=uid,
                                       bluesky_metadata=metadata,
                                       time_iso8601=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         except DmError as exc:
             raise _dm_refusal("metadata not uploaded", exc) from None
-        await self.hub.post(m + "DatasetName_RBV", name[:39])
+        await self.hub.post(m + "DatasetName_RBV", name)
         await self.hub.post(m + "Message_RBV", f"dataset {name} added to {experiment}")
-
-
-def _ended(obj: Any) -> bool:
-    """A DAQ, upload or job that DM reports as no longer pending or running."""
-    return obj is not None and obj.status not in ("pending", "running", "")
-
-
 

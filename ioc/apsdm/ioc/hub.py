@@ -7,6 +7,7 @@ servers (the sinks) show them; a client write arrives at :meth:`Hub.put`, is che
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 # CA alarm codes (caproto AlarmStatus / AlarmSeverity values)
 NO_ALARM, MINOR, MAJOR, INVALID = 0, 1, 2, 3
-STATUS_STATE, STATUS_COMM, STATUS_WRITE = 7, 9, 2
+STATUS_STATE, STATUS_COMM = 7, 9
 
 
 class Alarm(NamedTuple):
@@ -48,11 +49,12 @@ class PutRejected(Exception):
 
 
 class Writer(NamedTuple):
-    """Who wrote: protocol, host and user as the client reports them."""
+    """Who wrote: protocol, host and user as the client reports them, and its address."""
 
     protocol: str
     host: str
     user: str
+    address: str = ""
 
     def __str__(self) -> str:
         return f"{self.user}@{self.host} ({self.protocol})"
@@ -104,7 +106,9 @@ class Hub:
         self.access = access or AccessList()
         self.sinks: list[Sink] = []
         self.handlers: dict[str, Handler] = {}
-        self.on_write: list[Callable[[PV, Any, Writer], Awaitable[None]]] = []
+        self.on_command: list[Callable[[PV, Writer], Awaitable[None]]] = []  # a command starts
+        self._running: dict[str, asyncio.Future[Any]] = {}  # busy commands under way
+        self._released: set[str] = set()  # busy commands whose waiting a 0 ended
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -115,11 +119,13 @@ class Hub:
 
     async def post(self, name: str, value: Any, alarm: Alarm = OK, *, force: bool = False) -> None:
         """Set a PV's value and alarm and show it on both protocols (unchanged: no event)."""
+        pv = self.pvs[name]
+        if pv.field.kind in (Kind.STRING, Kind.LONGSTRING) and isinstance(value, str):
+            value = fit(value, pv.field.max_length - 1)  # the same text on CA and PVA
         if not force and self.values[name] == value and self.alarms[name] == alarm:
             return
         self.values[name], self.alarms[name] = value, alarm
         self.stamps[name] = now = time.time()
-        pv = self.pvs[name]
         for sink in self.sinks:
             try:
                 await sink.publish(pv, value, alarm, now)
@@ -142,9 +148,13 @@ class Hub:
         try:
             return await self._put(pv, raw, writer)
         except PutRejected as exc:
-            log.warning("write refused: %s (by %s)", exc, writer)
-            await self.post(self.message_pv(pv), str(exc), state_alarm(str(exc)))
+            await self.refused(pv, exc, writer)
             raise
+
+    async def refused(self, pv: PV, exc: PutRejected, writer: Writer) -> None:
+        """Log a refused write and say why in the Message_RBV of ``pv``, with an alarm."""
+        log.warning("write refused: %s (by %s)", exc, writer)
+        await self.post(self.message_pv(pv), str(exc), state_alarm(str(exc)))
 
     def message_pv(self, pv: PV) -> str:
         """The Message_RBV that explains what happened to a write of ``pv``."""
@@ -160,28 +170,56 @@ class Hub:
         name = pv.name
         if not pv.field.writable:
             raise PutRejected(f"{name} is read-only")
-        if not self.access.permits(writer.host, writer.user):
-            raise PutRejected(f"{writer.user}@{writer.host} may not write {name}")
+        self.check_writer(pv, writer)
         value = coerce(pv, raw)
         handler = self.handlers.get(name)
-        for hook in self.on_write:
-            await hook(pv, value, writer)
         if pv.field.kind is Kind.BUSY:
-            if not value:  # writing 0 to a busy command does nothing, as with a busy record
-                return self.values[name]
-            if self.values[name]:
-                raise PutRejected(f"{name} is busy: wait until the running action ends")
-            await self.post(name, 1)
-            try:
-                if handler is not None:
-                    await handler(pv, value, writer)
-            finally:
-                await self.post(name, 0)
-            return 0
+            return await self._command(pv, value, writer, handler)
         if handler is not None:
             value = await handler(pv, value, writer)
         await self.post(name, value)
         return value
+
+    def check_writer(self, pv: PV, writer: Writer) -> None:
+        """Refuse a writer that the allow-list does not name (by host, user or address)."""
+        if not self.access.permits(writer.host, writer.user, writer.address):
+            raise PutRejected(f"{writer.user}@{writer.host} may not write {pv.name}")
+
+    async def _command(self, pv: PV, value: int, writer: Writer, handler: Handler | None) -> int:
+        """Run a busy command: 1 while its handler runs, 0 after. Writing 0 while it runs
+        releases the slot: the waiting put fails, and the DM action itself goes on."""
+        name = pv.name
+        running = self._running.get(name)
+        if not value:
+            if running is not None:
+                self._released.add(name)
+                running.cancel()
+            return 0
+        if running is not None:
+            raise PutRejected(f"{name} is busy: wait until the running action ends, "
+                              "or write 0 to stop waiting")
+        for hook in self.on_command:
+            await hook(pv, writer)
+        await self.post(name, 1)
+        task = asyncio.ensure_future(handler(pv, value, writer) if handler else asyncio.sleep(0))
+        self._running[name] = task
+        try:
+            await task
+        except asyncio.CancelledError:
+            if name not in self._released:  # the put itself was cancelled (shutdown)
+                raise
+            raise PutRejected(f"{name}: stopped waiting (0 written); the DM action goes on") from None
+        finally:
+            self._released.discard(name)
+            self._running.pop(name, None)
+            await self.post(name, 0)
+        return 0
+
+
+def fit(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, never inside a character."""
+    data = text.encode("utf-8")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", "ignore")
 
 
 def coerce(pv: PV, raw: Any) -> Any:

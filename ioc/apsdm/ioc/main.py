@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -44,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dm-setup", default="",
                     help="dm.setup.sh whose 'export DM_...' lines configure the DM client "
                          "(rest and dm-package backends; default: the environment)")
+    ap.add_argument("--dm-timeout", type=float, default=10.0, metavar="S",
+                    help="seconds the DM client waits for DM to connect or answer before the "
+                         "IOC calls DM unreachable (default %(default)s)")
     ap.add_argument("--data-root", type=Path, default=Path("var/apsdm"),
                     help="directory for the gateway's state and, with the embedded backend, "
                          "DM's storage and database (default: %(default)s)")
@@ -75,6 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             ap.error(f"--{option.replace('_', '-')} must be between 0 and 64")
     if args.poll_period <= 0:
         ap.error("--poll-period must be positive")
+    if not 0 < args.dm_timeout < float("inf"):
+        ap.error("--dm-timeout must be a positive number of seconds")
     return args
 
 
@@ -101,12 +107,15 @@ async def make_dm(args: argparse.Namespace) -> tuple[Any, Any]:
         from apsdm.dmserver import start_service  # the IOC only starts it, then talks HTTP
 
         service = await start_service(args.data_root / "dm", port=args.dm_port)
-        return DmClient(DmConfig.from_env({}, setup_file=str(service.setup_file))), service
+        config = DmConfig.from_env({}, setup_file=str(service.setup_file),
+                                   timeout=args.dm_timeout)
+        return DmClient(config), service
+    config = DmConfig.from_env(setup_file=args.dm_setup, timeout=args.dm_timeout)
     if args.dm == "dm-package":
         from apsdm.dm.dmpkg import DmPackageClient
 
-        return DmPackageClient(DmConfig.from_env(setup_file=args.dm_setup)), None
-    return DmClient(DmConfig.from_env(setup_file=args.dm_setup)), None
+        return DmPackageClient(config), None
+    return DmClient(config), None
 
 
 async def heartbeat(hub: Hub, name: str) -> None:
@@ -142,7 +151,8 @@ async def run(args: argparse.Namespace) -> None:
     commands.register()
     await commands.restore()
     p = layout.prefix
-    dm_url = dm.config.urls.get(next(iter(dm.config.urls)), "") if dm.config.urls else ""
+    # shown on a PV and stdout: without any user:password@ part a URL may carry
+    dm_url = re.sub(r"//[^/@]*@", "//", next(iter(dm.config.urls.values()), ""))
     await hub.post(f"{p}Status:Version_RBV", __version__)
     await hub.post(f"{p}Status:DmUrl_RBV", dm_url)
     await hub.post(f"{p}Status:PollPeriod_RBV", args.poll_period)

@@ -20,13 +20,13 @@ class Persistence:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.data: dict[str, Any] = {"settings": {}, "ids": {}}
+        self.data: dict[str, Any] = {"settings": {}, "ids": {}, "owners": {}}
         if path.exists():
             try:
                 loaded = json.loads(path.read_text())
                 if not isinstance(loaded, dict) or not all(
                         isinstance(loaded.get(k, {}), dict) for k in self.data):
-                    raise ValueError("not an object of 'settings' and 'ids'")
+                    raise ValueError("not an object of 'settings', 'ids' and 'owners'")
                 for key in self.data:
                     self.data[key].update(loaded.get(key, {}))
             except (OSError, ValueError) as exc:
@@ -44,6 +44,11 @@ class Persistence:
     def ids(self) -> dict[str, str]:
         """DM ids of what each slot started, by slot (e.g. ``WF2``)."""
         return self.data["ids"]
+
+    @property
+    def owners(self) -> dict[str, str]:
+        """Owners of the jobs the workflow slots started, by slot: the jobs to list."""
+        return self.data["owners"]
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

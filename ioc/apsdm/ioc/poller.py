@@ -13,12 +13,22 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from apsdm.dm import CommunicationError, Daq, DmClient, DmError, Experiment, Job, Upload
+from apsdm.dm import (
+    CommunicationError,
+    Daq,
+    DmClient,
+    DmError,
+    Experiment,
+    Job,
+    ObjectNotFound,
+    Upload,
+)
 from apsdm.dm.records import Workflow
 
-from .hub import OK, Alarm, Hub, comm_alarm, state_alarm
-from .schema import Layout
+from .hub import MAJOR, OK, STATUS_COMM, Alarm, Hub, comm_alarm, state_alarm
+from .schema import Kind, Layout
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +39,7 @@ JOB_KEYS = ["id", "owner", "status", "stage", "startTime", "endTime", "runTime",
 SLOW_EVERY = 10  # experiments and workflows change rarely: list them every 10th poll
 JOBS_SHOWN = 100  # rows of the Jobs table (newest first)
 MAX_BACKOFF = 30.0
+MISSING_POLLS = 5  # polls in a row without a followed object before giving up on it
 
 
 @dataclass
@@ -58,13 +69,19 @@ class Poller:
         self.period = period
         self.p = layout.prefix
         self.snapshot = Snapshot()
-        self.experiment_name = ""  # the selected experiment, set by commands
+        self.experiment_name = ""  # the selected experiment (see select)
+        self._selection = 0  # bumped by select: a poll begun before must not undo it
         self.owners: set[str] = set()  # workflow owners besides the DM user
         self._changed = asyncio.Condition()
         self._wake = asyncio.Event()
         self._last_status: dict[str, str] = {}
         self._down = False
+        self._why = ""  # why the last poll could not reach DM
+        self._reachable = False  # the last poll reached DM (even if DM refused a call)
+        self._polling = False  # a poll is under way
+        self._attempts = 0  # polls finished, whether or not DM answered
         self._before_comm: dict[str, Alarm] = {}  # Message_RBV alarms hidden by COMM
+        self._job_skip: dict[str, tuple[int, str]] = {}  # owner -> (jobs to skip, last skipped id)
 
     # --- waiting ------------------------------------------------------------------------
 
@@ -74,29 +91,76 @@ class Poller:
             await self._changed.wait_for(lambda: predicate(self.snapshot))
             return self.snapshot
 
+    async def follow(self, find: Callable[[Snapshot], Any], what: str) -> Any:
+        """Wait until the DM object ``find`` picks out of each poll has ended; return it.
+
+        Waits through DM outages (no poll, no verdict); raises LookupError if DM stops
+        listing the object for MISSING_POLLS polls in a row, so no command waits forever.
+        """
+        missing, seen = 0, -1
+        while True:
+            snap = await self.wait_for(lambda s, seen=seen: s.polls != seen)
+            seen = snap.polls
+            obj = find(snap)
+            if obj is not None and obj.finished:
+                return obj
+            missing = 0 if obj is not None else missing + 1
+            if missing >= MISSING_POLLS:
+                raise LookupError(f"DM no longer lists {what}")
+
+    def select(self, name: str, experiment: Experiment | None) -> None:
+        """Make ``experiment`` (looked up by a command) the selected one, at once."""
+        self.experiment_name, self.snapshot.experiment = name, experiment
+        self._selection += 1
+
     def poll_soon(self) -> None:
         """Poll now instead of at the end of the period (after a command changed DM)."""
         self._wake.set()
+
+    async def ensure_connected(self) -> None:
+        """Return at once if the last poll reached DM; otherwise poll now and wait for the
+        outcome of a poll that started after this call (at start: for the first poll).
+
+        Raises CommunicationError while DM stays unreachable, so that a command is never
+        sent to a DM known to be down: a frozen DM would act on it when it thaws, after
+        the client was told the command failed.
+        """
+        if self._reachable:
+            return
+        target = self._attempts + (2 if self._polling else 1)
+        self.poll_soon()
+        async with self._changed:
+            await self._changed.wait_for(lambda: self._attempts >= target)
+        if not self._reachable:
+            raise CommunicationError(self._why)
 
     # --- the loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
         backoff = self.period
         while True:
+            self._wake.clear()  # a wake-up asked for during this poll makes another one
+            self._polling = True
+            reachable = True  # unless the poll says otherwise
             try:
                 await self.poll_once()
                 backoff = self.period
                 delay = self.period
             except CommunicationError as exc:
+                reachable = False
                 await self._disconnected(str(exc))
                 backoff = min(backoff * 2, MAX_BACKOFF)
                 delay = backoff
-            except DmError as exc:  # DM answered, but refused a list call
-                log.error("DM poll failed: %s", exc)
+            except Exception as exc:  # DM refused a list call, or sent what we cannot read:
+                # say so and keep polling (a dead poller would leave every PV stale)
+                log.error("DM poll failed: %s", exc, exc_info=not isinstance(exc, DmError))
                 await self.hub.post(f"{self.p}Status:Message_RBV", f"DM poll failed: {exc}",
                                     state_alarm(str(exc)))
                 delay = self.period
-            self._wake.clear()
+            self._polling, self._reachable = False, reachable
+            self._attempts += 1
+            async with self._changed:
+                self._changed.notify_all()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), delay)
 
@@ -104,44 +168,89 @@ class Poller:
         snap = Snapshot(polls=self.snapshot.polls + 1, connected=True)
         snap.daqs = {d.id: d for d in await self.dm.list_daqs()}
         snap.uploads = {u.id: u for u in await self.dm.list_uploads()}
+        jobs = dict(self.snapshot.jobs)  # finished jobs never change: keep those seen
+        skips = dict(self._job_skip)  # kept only if the whole poll succeeds
         for owner in {self.dm.username, *self.owners}:
-            for job in await self.dm.list_processing_jobs(owner=owner, keys=JOB_KEYS):
-                snap.jobs[job.id] = job
+            listed, whole = await self._list_jobs(owner, skips)
+            if whole:  # DM listed all of them: forget any it no longer has
+                jobs = {i: j for i, j in jobs.items() if j.owner != owner}
+            jobs.update((j.id, j) for j in listed)
+        snap.jobs = self._retain(jobs)
         slow = not self.snapshot.connected or snap.polls % SLOW_EVERY == 1
+        selection = self._selection
+        snap.experiment = self.snapshot.experiment
         if slow:
             snap.experiments = await self.dm.list_experiments()
             snap.workflows = await self.dm.list_workflows()
             if self.experiment_name:
                 try:
                     snap.experiment = await self.dm.get_experiment(self.experiment_name)
-                except DmError as exc:
+                except ObjectNotFound as exc:  # deleted in DM: no longer selected
                     log.warning("selected experiment %s: %s", self.experiment_name, exc)
+                    snap.experiment = None
         else:
             snap.experiments = self.snapshot.experiments
             snap.workflows = self.snapshot.workflows
+        if selection != self._selection:  # a command selected another one meanwhile
             snap.experiment = self.snapshot.experiment
         reconnected = not self.snapshot.connected
         if self._down:
             log.info("DM reachable again")
         self._down = False
-        self.snapshot = snap
+        self.snapshot, self._job_skip = snap, skips
         await self.publish(snap, force=reconnected)
+        await self._restore_alarms()
         async with self._changed:
             self._changed.notify_all()
+
+    async def _list_jobs(self, owner: str, skips: dict[str, tuple[int, str]]
+                         ) -> tuple[list[Job], bool]:
+        """An owner's jobs from the first one unfinished at the last poll; True if all of them.
+
+        DM lists jobs in submission order and a finished job never changes, so the leading
+        finished ones are not asked for again: a poll costs what is active, not the owner's
+        whole history (which DM would also cut at the list's limit, hiding new jobs). The
+        last skipped job is listed again as an anchor; if it moved, DM's list changed under
+        us and the whole list is asked for.
+        """
+        skip, anchor = skips.get(owner, (0, ""))
+        start = max(skip - 1, 0)
+        jobs = await self.dm.list_processing_jobs(owner=owner, keys=JOB_KEYS, skip=start)
+        if anchor and (not jobs or jobs[0].id != anchor):
+            start = 0
+            jobs = await self.dm.list_processing_jobs(owner=owner, keys=JOB_KEYS)
+        done = next((i for i, job in enumerate(jobs) if not job.finished), len(jobs))
+        skips[owner] = (start + done, jobs[done - 1].id if done else "")
+        return jobs, start == 0
+
+    def _retain(self, jobs: dict[str, Job]) -> dict[str, Job]:
+        """What a snapshot keeps: unfinished jobs, the slots' jobs and the newest JOBS_SHOWN."""
+        newest = sorted(jobs.values(), key=lambda j: j.submission_time, reverse=True)
+        keep = {j.id for j in newest[:JOBS_SHOWN]} | set(self.ids.values())
+        return {i: j for i, j in jobs.items() if i in keep or not j.finished}
 
     async def _disconnected(self, why: str) -> None:
         if not self._down:  # say it once, not at every retry
             log.error("DM unreachable: %s (retrying with backoff)", why)
         self._down = True
+        self._why = why
         self.snapshot.connected = False
         p = self.p
-        await self.hub.post(f"{p}Status:Connected_RBV", 0, Alarm(2, 9, why))
-        await self.hub.post(f"{p}Status:Message_RBV", why, Alarm(2, 9, why))
+        await self.hub.post(f"{p}Status:Connected_RBV", 0, Alarm(MAJOR, STATUS_COMM, why))
+        await self.hub.post(f"{p}Status:Message_RBV", why, Alarm(MAJOR, STATUS_COMM, why))
         alarm = comm_alarm(why)
         for name, pv in self.hub.pvs.items():
-            if pv.is_rbv and pv.group != "Status":
+            if (pv.is_rbv or pv.field.kind is Kind.TABLE) and pv.group != "Status":
                 if self.hub.alarms[name].status != alarm.status:
                     self._before_comm[name] = self.hub.alarms[name]
+                await self.hub.set_alarm(name, alarm)
+
+    async def _restore_alarms(self) -> None:
+        """After a reconnection, give back the alarm each PV had before COMM (for PVs the
+        poll itself did not post anew, such as messages and Metadata readbacks)."""
+        saved, self._before_comm = self._before_comm, {}
+        for name, alarm in saved.items():
+            if self.hub.alarms[name].status == STATUS_COMM:
                 await self.hub.set_alarm(name, alarm)
 
     # --- DM -> PVs ----------------------------------------------------------------------
@@ -171,10 +280,9 @@ class Poller:
         await post(e + "Type_RBV", exp.type if exp else "", force=force)
         await post(e + "DataDirectory_RBV", exp.data_directory if exp else "", force=force)
         await post(e + "StorageDirectory_RBV", exp.storage_directory if exp else "", force=force)
-        await post(e + "StartDate_RBV", exp.start_date[:39] if exp else "", force=force)
+        await post(e + "StartDate_RBV", exp.start_date if exp else "", force=force)
         await post(e + "Users_RBV", ",".join(exp.users) if exp else "", force=force)
         await post(e + "Valid_RBV", 1 if exp else 0, force=force)
-        await self._reshow_message(e + "Message_RBV", force)
 
     async def _transfer_slot(self, slot: str, t: Daq | Upload | None, force: bool) -> None:
         s, post = f"{self.p}{slot}:", self.hub.post
@@ -187,7 +295,6 @@ class Poller:
             if slot.startswith("DAQ"):
                 await post(s + "NWaiting_RBV", 0, force=force)
                 await post(s + "Active_RBV", 0, force=force)
-            await self._reshow_message(s + "Message_RBV", force)
             return
         await post(s + "Id_RBV", t.id, force=force)
         await post(s + "Status_RBV", t.status, _status_alarm(t.status), force=force)
@@ -201,11 +308,6 @@ class Poller:
             await post(s + "Active_RBV", 1 if t.active else 0, force=force)
         await self._transition(slot, t.id, t.status, t.error_message, force)
 
-    async def _reshow_message(self, name: str, force: bool) -> None:
-        """After a reconnection, give a message back the alarm it had before COMM."""
-        if force and name in self._before_comm:
-            await self.hub.post(name, self.hub[name], self._before_comm.pop(name), force=True)
-
     async def _transition(self, slot: str, obj_id: str, status: str, error: str,
                           force: bool) -> None:
         """Say in Message_RBV when a slot's DM object changes status (not every poll)."""
@@ -214,7 +316,7 @@ class Poller:
         if self._last_status.get(slot) != key:
             self._last_status[slot] = key
             text = f"{obj_id[:8]} {status}" + (f": {error}" if error else "")
-            await self.hub.post(name, text[:4000], _status_alarm(status))
+            await self.hub.post(name, text, _status_alarm(status))
         elif force:  # after a reconnection: replace the COMM alarm
             await self.hub.post(name, self.hub[name], _status_alarm(status), force=True)
 
@@ -227,7 +329,6 @@ class Poller:
             await post(s + "StagesDone_RBV", 0, force=force)
             await post(s + "StagesTotal_RBV", 0, force=force)
             await post(s + "Stages", [], force=force)
-            await self._reshow_message(s + "Message_RBV", force)
             return
         stages = job.stages
         run_time = job.run_time
@@ -235,7 +336,7 @@ class Poller:
             run_time = time.time() - float(job.raw["startTime"])
         await post(s + "JobId_RBV", job.id, force=force)
         await post(s + "Status_RBV", job.status, _status_alarm(job.status), force=force)
-        await post(s + "Stage_RBV", job.stage[:39], force=force)
+        await post(s + "Stage_RBV", job.stage, force=force)
         await post(s + "RunTime_RBV", round(run_time, 1), force=force)
         await post(s + "StagesDone_RBV", sum(st.status in ("done", "failed") for st in stages),
                    force=force)

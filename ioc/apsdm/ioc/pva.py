@@ -7,9 +7,8 @@ explicit alarm (p4p merges only changed fields, so an alarm left out would stick
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import socket
-from functools import lru_cache
 from typing import Any
 
 from p4p import Type, Value
@@ -48,12 +47,14 @@ def _nt(pv: PV) -> Any:
     return None
 
 
-@lru_cache(maxsize=256)
-def _host_of(address: str) -> str:
-    """The host name of a peer address, for allow-lists written with names."""
+async def _host_of(address: str) -> str:
+    """The host name of a peer address (for allow-lists written with names), looked up
+    off the event loop and given up on after a second, so no slow DNS stalls the IOC."""
+    loop = asyncio.get_running_loop()
     try:
-        return socket.gethostbyaddr(address)[0]
-    except OSError:
+        host, _ = await asyncio.wait_for(loop.getnameinfo((address, 0)), 1.0)
+        return str(host)
+    except (OSError, TimeoutError):
         return address
 
 
@@ -65,12 +66,17 @@ class _Handler:
 
     async def put(self, shared: SharedPV, op: Any) -> None:
         ip = op.peer().rsplit(":", 1)[0]
-        writer = Writer("pva", _host_of(ip), op.account())
+        host = await _host_of(ip) if self.server.hub.access.allowed else ip
+        writer = Writer("pva", host, op.account(), ip)
         token = current_writer.set(writer)
         try:
-            value = self.server.value_of_put(self.pv, op.value())
-            if not self.server.hub.access.permits(ip, writer.host, writer.user):
-                raise PutRejected(f"{writer.user}@{writer.host} may not write {self.pv.name}")
+            self.server.hub.check_writer(self.pv, writer)  # before the value is even read
+            try:
+                value = self.server.value_of_put(self.pv, op.value())
+            except (UnicodeError, ValueError, TypeError) as exc:  # e.g. text that is not UTF-8
+                refusal = PutRejected(f"{self.pv.name}: value refused ({exc})")
+                await self.server.hub.refused(self.pv, refusal, writer)
+                raise refusal from None
             await self.server.hub.put(self.pv.name, value, writer)
         except PutRejected as exc:
             op.done(error=str(exc))
@@ -127,8 +133,6 @@ class PvaServer:
             return merged
         if pv.field.kind in (Kind.ENUM, Kind.BUSY):
             return int(value)  # ntenum: the index
-        if pv.field.kind is Kind.TABLE:
-            raise PutRejected(f"{pv.name} is read-only")
         raw = getattr(value, "raw", None)  # NT wrappers print with their timestamp
         return raw["value"] if raw is not None else value
 
