@@ -37,6 +37,7 @@ from .workflow import as_bool, dm_timestamp
 log = logging.getLogger(__name__)
 
 STABLE_SECONDS = 0.5  # a DAQ copies a file once its size and mtime stayed unchanged this long
+PARALLEL_COPIES = 4  # files a DAQ copies at once (many small files are latency-bound)
 TICK_SECONDS = 0.1  # shortest pause between two passes of a DAQ (coalesces bursts of events)
 RESCAN_SECONDS = 5.0  # full rescan period while inotify works: catches anything it missed
 POLL_SECONDS = 1.0  # full rescan period when the tree cannot be watched
@@ -622,18 +623,28 @@ class DaqRunner:
                     continue  # untouched since before the DAQ started
                 self.transfer.set_state(rel, WAITING)
             if seen is None or seen[0] != version:
-                self._waiting[rel] = (version, now)
+                # untouched for STABLE_SECONDS already (by the clock of its last change):
+                # stable at first sight, no need to watch it settle
+                age = time.time() - max(version[1] / 1e9, ctime)
+                self._waiting[rel] = (version, now - STABLE_SECONDS if seen is None
+                                      and age >= STABLE_SECONDS else now)
 
     async def _copy_stable(self) -> None:
         now = time.monotonic()
         stable = sorted(rel for rel, (_, since) in self._waiting.items()
                         if now - since >= STABLE_SECONDS)
-        for rel in stable:
+        gate = asyncio.Semaphore(PARALLEL_COPIES)
+
+        async def copy(rel: str) -> None:
             version, _ = self._waiting.pop(rel)
-            if await self.transfer.copy(rel, expect=version):
+            async with gate:
+                copied = await self.transfer.copy(rel, expect=version)
+            if copied:
                 self._processed[rel] = version
             else:
                 self._dirty.add(rel)  # changed again: look at it anew
+
+        await asyncio.gather(*(copy(rel) for rel in stable))
 
     def _drain_expired(self) -> bool:
         """After DRAIN_SECONDS of stopping, files still changing are given up as errors."""
