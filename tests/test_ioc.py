@@ -321,3 +321,26 @@ def test_allow_list_by_address_on_pva(tmp_path: Path) -> None:
         assert caget(ioc, "WF1:Name") == "by-address"
     finally:
         ioc.stop()
+
+
+def test_fifty_monitors_follow_a_burst_of_writes(ioc: Ioc) -> None:
+    last: dict[int, str] = {}
+    counts = dict.fromkeys(range(50), 0)
+
+    def watcher(k: int) -> Callable[..., None]:
+        def cb(char_value: str = "", **_kw: Any) -> None:
+            last[k], counts[k] = char_value, counts[k] + 1
+        return cb
+
+    monitors = [epics.PV(ioc.pv("Metadata:Json"), callback=watcher(k), form="native")
+                for k in range(50)]
+    for m in monitors:
+        assert m.wait_for_connection(5)
+    writer = epics.PV(ioc.pv("Metadata:Json"))
+    writer.wait_for_connection(5)
+    for i in range(300):
+        writer.put(json.dumps({"n": i}), wait=True, timeout=10)
+    final = json.dumps({"n": 299})
+    wait_until(lambda: all(v == final for v in last.values()) and len(last) == 50, 15,
+               "every monitor shows the last write")
+    assert min(counts.values()) > 10  # updates flowed throughout, not just the last one

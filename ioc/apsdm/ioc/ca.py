@@ -31,9 +31,6 @@ from .schema import PV, Kind
 
 log = logging.getLogger(__name__)
 
-# caproto keeps each subscription's last N updates, sent or not (its default, 1000, grows
-# RSS by up to 1000 copies of every monitored value); a slow client loses the oldest
-SUBSCRIPTION_BACKLOG = 10
 
 
 class _GatewayChannel:
@@ -111,7 +108,7 @@ def _channel(pv: PV, hub: Hub) -> Any:
     else:  # ENUM, BUSY
         base, kw = ChannelEnum, {"value": f.enums[0], "enum_strings": list(f.enums)}
     cls = type(f"Gateway{base.__name__}", (_GatewayChannel, base), {})
-    chan = cls(**kw, max_subscription_backlog=SUBSCRIPTION_BACKLOG)
+    chan = cls(**kw)
     chan.hub, chan.pv = hub, pv
     return chan
 
