@@ -65,38 +65,37 @@ class DMExperiment(_Concise):
     message = _readback("Message_RBV", Kind.omitted, text=True)
 
 
-class DMDaq(_Concise):
+class _Transfer(_Concise):
+    """What DAQs and uploads share: a destination in the experiment and copy progress."""
+
+    dest_directory = _setting("DestDirectory")
+    n_files = _readback("NFiles_RBV")
+    n_processed = _readback("NProcessed_RBV", Kind.hinted)
+    n_errors = _readback("NErrors_RBV")
+    percent = _readback("Percent_RBV")
+    message = _readback("Message_RBV", Kind.omitted, text=True)
+
+
+class DMDaq(_Transfer):
     """``DAQn:`` — a DAQ that copies new files of a local tree into experiment storage."""
 
     data_directory = _setting("DataDirectory")
-    dest_directory = _setting("DestDirectory")
     start_daq = _command("Start")
     stop_daq = _command("Stop")
     daq_id = _readback("Id_RBV", Kind.config, text=True)
     daq_status = _readback("Status_RBV", text=True)
-    n_files = _readback("NFiles_RBV")
-    n_processed = _readback("NProcessed_RBV", Kind.hinted)
-    n_errors = _readback("NErrors_RBV")
     n_waiting = _readback("NWaiting_RBV")
-    percent = _readback("Percent_RBV")
     active = _readback("Active_RBV", text=True)
-    message = _readback("Message_RBV", Kind.omitted, text=True)
 
 
-class DMUpload(_Concise):
+class DMUpload(_Transfer):
     """``UPn:`` — upload one file or a directory tree into experiment storage."""
 
     path = _setting("Path")
-    dest_directory = _setting("DestDirectory")
     mode = _setting("Mode")
     start_upload = _command("Start")
     upload_id = _readback("Id_RBV", Kind.config, text=True)
     upload_status = _readback("Status_RBV", text=True)
-    n_files = _readback("NFiles_RBV")
-    n_processed = _readback("NProcessed_RBV", Kind.hinted)
-    n_errors = _readback("NErrors_RBV")
-    percent = _readback("Percent_RBV")
-    message = _readback("Message_RBV", Kind.omitted, text=True)
 
 
 class DMWorkflow(_Concise):
