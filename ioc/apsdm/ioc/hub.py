@@ -172,9 +172,9 @@ class Hub:
             raise PutRejected(f"{name} is read-only")
         self.check_writer(pv, writer)
         value = coerce(pv, raw)
-        handler = self.handlers.get(name)
         if pv.field.kind is Kind.BUSY:
-            return await self._command(pv, value, writer, handler)
+            return await self._command(pv, value, writer, self.handlers[name])
+        handler = self.handlers.get(name)
         if handler is not None:
             value = await handler(pv, value, writer)
         await self.post(name, value)
@@ -185,7 +185,7 @@ class Hub:
         if not self.access.permits(writer.host, writer.user, writer.address):
             raise PutRejected(f"{writer.user}@{writer.host} may not write {pv.name}")
 
-    async def _command(self, pv: PV, value: int, writer: Writer, handler: Handler | None) -> int:
+    async def _command(self, pv: PV, value: int, writer: Writer, handler: Handler) -> int:
         """Run a busy command: 1 while its handler runs, 0 after. Writing 0 while it runs
         releases the slot: the waiting put fails, and the DM action itself goes on."""
         name = pv.name
@@ -201,7 +201,7 @@ class Hub:
         for hook in self.on_command:
             await hook(pv, writer)
         await self.post(name, 1)
-        task = asyncio.ensure_future(handler(pv, value, writer) if handler else asyncio.sleep(0))
+        task = asyncio.ensure_future(handler(pv, value, writer))
         self._running[name] = task
         try:
             await task
