@@ -253,10 +253,12 @@ class Commands:
                                 f"started {obj_id[:8]}, but not saved for restarts: {exc.strerror}",
                                 state_alarm("state not saved"))
 
-    async def _follow(self, find: Callable[[Snapshot], Any], what: str) -> Any:
-        """Wait until the started DAQ, upload or job has ended (see :meth:`Poller.follow`)."""
+    async def _follow(self, find: Callable[[Snapshot], Any], what: str,
+                      **reached: Callable[[Any], bool]) -> Any:
+        """Wait until the started DAQ, upload or job has ended, or what ``reached`` asks
+        (see :meth:`Poller.follow`); a refusal if DM stops listing it."""
         try:
-            return await self.poller.follow(find, what)
+            return await self.poller.follow(find, what, **reached)
         except LookupError as exc:
             raise PutRejected(str(exc)) from None
 
@@ -279,7 +281,8 @@ class Commands:
                 await self._remember(f"DAQ{n}", daq.id)
         except DmError as exc:
             raise _dm_refusal("DAQ not started", exc) from None
-        await self.poller.wait_for(lambda snap: daq.id in snap.daqs)
+        await self._follow(lambda snap: snap.daqs.get(daq.id), f"DAQ {daq.id[:8]}",
+                           reached=lambda _listed: True)
 
     async def daq_stop(self, n: int) -> None:
         s = f"{self.p}DAQ{n}:"

@@ -80,7 +80,7 @@ class Poller:
         self._reachable = False  # the last poll reached DM (even if DM refused a call)
         self._polling = False  # a poll is under way
         self._attempts = 0  # polls finished, whether or not DM answered
-        self._before_comm: dict[str, Alarm] = {}  # Message_RBV alarms hidden by COMM
+        self._before_comm: dict[str, Alarm] = {}  # alarms that COMM covers while DM is down
         self._job_skip: dict[str, tuple[int, str]] = {}  # owner -> (jobs to skip, last skipped id)
 
     # --- waiting ------------------------------------------------------------------------
@@ -91,8 +91,10 @@ class Poller:
             await self._changed.wait_for(lambda: predicate(self.snapshot))
             return self.snapshot
 
-    async def follow(self, find: Callable[[Snapshot], Any], what: str) -> Any:
-        """Wait until the DM object ``find`` picks out of each poll has ended; return it.
+    async def follow(self, find: Callable[[Snapshot], Any], what: str,
+                     reached: Callable[[Any], bool] = lambda obj: obj.finished) -> Any:
+        """Wait until the DM object ``find`` picks out of each poll is ``reached`` (by
+        default: has ended); return it.
 
         Waits through DM outages (no poll, no verdict); raises LookupError if DM stops
         listing the object for MISSING_POLLS polls in a row, so no command waits forever.
@@ -102,7 +104,7 @@ class Poller:
             snap = await self.wait_for(lambda s, seen=seen: s.polls != seen)
             seen = snap.polls
             obj = find(snap)
-            if obj is not None and obj.finished:
+            if obj is not None and reached(obj):
                 return obj
             missing = 0 if obj is not None else missing + 1
             if missing >= MISSING_POLLS:
