@@ -685,5 +685,37 @@ def test_poll_lists_only_unfinished_and_new_jobs() -> None:
     asyncio.run(scenario())
 
 
+def test_monitored_pvs_hold_no_sent_updates(ioc: Any) -> None:
+    """Updates sent to CA monitors are let go: 20 monitors of a 4 kB long string and 1,000
+    writes leave the IOC's RSS as it was (caproto alone would keep them all, 80 MB)."""
+    import epics
+    import psutil
+
+    assert ioc.proc is not None
+    rss = psutil.Process(ioc.proc.pid).memory_info
+    name = ioc.pv("Metadata:Json")
+    seen: list[str] = []
+    monitors = [epics.PV(name, form="native", callback=lambda char_value="", **_: seen.append(char_value))
+                for _ in range(20)]
+    assert all(m.wait_for_connection(5) for m in monitors)
+    writer = epics.PV(name)
+    assert writer.wait_for_connection(5)
+
+    def write(i: int) -> str:
+        text = json.dumps({"n": i, "pad": f"{i:04d}" * 990})  # 3,981 bytes
+        writer.put(text, wait=True, timeout=10)
+        return text
+
+    for i in range(100):  # the circuits, buffers and allocator reach their working size
+        write(i)
+    before = rss().rss / 2**20
+    for i in range(100, 1100):
+        last = write(i)
+    wait_until(lambda: seen[-20:] == [last] * 20, 30, "every monitor shows the last write")
+    grown = rss().rss / 2**20 - before
+    assert len(seen) > 20 * 1000 * 0.9, f"monitors missed updates: {len(seen)} of 20,000"
+    assert grown < 16, f"IOC RSS grew {grown:.1f} MB over 20,000 monitor updates"
+
+
 if __name__ == "__main__":
     monitor_main(sys.argv[1], json.loads(sys.argv[2]))

@@ -21,16 +21,16 @@ from caproto import (
     ChannelInteger,
     ChannelString,
     ChannelType,
+    EventAddResponse,
 )
 from caproto._data import SkipWrite
 from caproto._dbr import native_float_types, native_type
-from caproto.asyncio.server import Context
+from caproto.asyncio.server import Context, VirtualCircuit
 
 from .hub import Alarm, Hub, PutRejected, Writer, current_writer
 from .schema import PV, Kind
 
 log = logging.getLogger(__name__)
-
 
 
 class _GatewayChannel:
@@ -113,8 +113,37 @@ def _channel(pv: PV, hub: Hub) -> Any:
     return chan
 
 
+class _ReleasingCircuit(VirtualCircuit):
+    """caproto's circuit, letting go of each monitor update once it is on the wire.
+
+    caproto keeps the newest ``max_subscription_backlog`` (1,000) updates of every
+    subscription so that a slow client gets the latest news first, but it never drops
+    them after sending: every monitored PV then holds 1,000 old updates, and the IOC's
+    memory grows with uptime. Here only updates not yet sent count against the backlog.
+    """
+
+    async def send(self, *commands: Any) -> None:
+        await super().send(*commands)
+        for command in commands:
+            if isinstance(command, EventAddResponse):
+                # updates of one subscription are sent in the order they were queued, so
+                # one still held (not pushed out by newer ones) is the oldest held
+                held = self.unexpired_updates.get(command.subscriptionid)
+                if held and held[0] is command:
+                    held.popleft()
+
+    async def _cull_subscriptions(self, db_entry: Any, func: Any) -> Any:
+        removed = await super()._cull_subscriptions(db_entry, func)
+        for _spec, sub in removed:  # a cancelled subscription's queue goes with it
+            self.unexpired_updates.pop(sub.subscriptionid, None)
+        return removed
+
+
 class _NoDelayContext(Context):
-    """caproto's context with TCP_NODELAY on client sockets (else 40 ms put stalls)."""
+    """caproto's context with TCP_NODELAY on client sockets (else 40 ms put stalls),
+    whose circuits release monitor updates once sent."""
+
+    CircuitClass = _ReleasingCircuit
 
     async def server_accept_loop(self, sock: socket.socket) -> None:
         # Linux hands the listening socket's TCP_NODELAY on to every accepted socket
