@@ -510,6 +510,58 @@ def test_dm_frozen_longer_than_timeout(dm_server: DmServer, ioc_on: Ioc) -> None
     survived()
 
 
+
+@pytest.mark.slow
+def test_dm_frozen_with_starts_in_flight(dm_server: DmServer, ioc_on: Ioc,
+                                         tmp_path: Path) -> None:
+    """DM freezes after it took the start requests and before it answers: what it did
+    start shows on the slots and the puts end with it; what it never got is 'not started'."""
+    ioc = ioc_on
+    exp = in_dm(dm_server, lambda dm: dm.add_experiment("in-flight"))
+    in_dm(dm_server, lambda dm: dm.add_workflow({"name": "tagged", "stages": {
+        "01": {"command": "sleep 1 && echo tag=$tag"}}}))
+    src = tmp_path / "detector"
+    write_file(src / "one.dat", 5000)
+    select(ioc, "in-flight")
+    caput(ioc, "DAQ1:DataDirectory", str(src))
+    caput(ioc, "UP1:Path", str(src / "one.dat"))
+    caput(ioc, "UP1:DestDirectory", "up")
+    caput(ioc, "UP1:Mode", "File")
+    caput(ioc, "WF1:Name", "tagged")
+    caput(ioc, "WF1:Args", '{"tag": "in-flight"}')
+    wait_until(lambda: caget(ioc, "Status:Connected_RBV") == "Connected", 15)
+    assert dm_server.proc is not None
+    inject("DM service frozen (SIGSTOP) with three start requests in flight")
+    dm_server.proc.send_signal(signal.SIGSTOP)
+    try:  # DM was reachable a moment ago, so the IOC sends them, and none is answered
+        puts = {suffix: Put(ioc, suffix) for suffix in ("DAQ1:Start", "UP1:Start", "WF1:Start")}
+        for put in puts.values():
+            put.start()
+        wait_until(lambda: "no answer from DM" in caget(ioc, "WF1:Message_RBV"), 4 * DM_TIMEOUT,
+                   "the job's start in doubt")
+        assert "no answer from DM" in caget(ioc, "UP1:Message_RBV")
+        assert alarm(ioc, "WF1:Message_RBV") == (MINOR, STATE)
+        assert "not started" in (puts["DAQ1:Start"].outcome(4 * DM_TIMEOUT) or "")
+        assert not puts["WF1:Start"].finished and not puts["UP1:Start"].finished
+        time.sleep(2 * DM_TIMEOUT)
+    finally:
+        dm_server.proc.send_signal(signal.SIGCONT)
+    wait_reconnected(ioc, "WF1:Status_RBV")
+    assert puts["WF1:Start"].outcome(60) is None  # the job DM started, followed to its end
+    assert puts["UP1:Start"].outcome(60) is None
+    jobs = in_dm(dm_server, lambda dm: dm.list_processing_jobs())
+    uploads = in_dm(dm_server, lambda dm: dm.list_uploads())
+    assert [j.status for j in jobs] == ["done"] and [u.status for u in uploads] == ["done"]
+    assert in_dm(dm_server, lambda dm: dm.list_daqs()) == []  # its list call got no answer
+    assert caget(ioc, "WF1:JobId_RBV") == jobs[0].id and caget(ioc, "WF1:Status_RBV") == "done"
+    assert caget(ioc, "UP1:Id_RBV") == uploads[0].id and caget(ioc, "UP1:Status_RBV") == "done"
+    assert "not started" in caget(ioc, "DAQ1:Message_RBV") and caget(ioc, "DAQ1:Id_RBV") == ""
+    compare_trees(src, Path(exp.data_directory) / "up")
+    caput(ioc, "WF1:Start", 1)  # a retry starts one more job, no more
+    assert len(in_dm(dm_server, lambda dm: dm.list_processing_jobs())) == 2
+    survived()
+
+
 # --- 5. the IOC killed mid-job and restarted -----------------------------------------
 
 

@@ -9,6 +9,7 @@ from .errors import (
     InvalidArgument,
     InvalidObjectState,
     InvalidSession,
+    NoAnswer,
     ObjectAlreadyExists,
     ObjectNotFound,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "InvalidObjectState",
     "InvalidSession",
     "Job",
+    "NoAnswer",
     "ObjectAlreadyExists",
     "ObjectNotFound",
     "Upload",

@@ -15,11 +15,22 @@ from typing import Any
 import httpx
 
 from .config import Credentials, DmConfig
-from .errors import AuthenticationError, CommunicationError, ObjectAlreadyExists, error_from_status
+from .errors import (
+    AuthenticationError,
+    CommunicationError,
+    NoAnswer,
+    ObjectAlreadyExists,
+    error_from_status,
+)
 from .records import Daq, Experiment, Job, Upload, Workflow
 from .routes import LOGIN_PATH, ROUTES, Service
 
 log = logging.getLogger(__name__)
+
+#: transport errors after the request went out: DM may have received it and acted on it
+_MAYBE_RECEIVED = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx.WriteError,
+                   httpx.RemoteProtocolError)
+
 
 class _Session:
     """One service's HTTP connection and login cookie (each DM service has its own)."""
@@ -103,8 +114,8 @@ class DmClient:
                 resp = await session.http.request(
                     route.method, path, headers={"Content-Type": "html"})
             except httpx.HTTPError as exc:
-                raise CommunicationError(
-                    f"DM at {session.base_url} is unreachable: {_why(exc)}") from None
+                error = NoAnswer if isinstance(exc, _MAYBE_RECEIVED) else CommunicationError
+                raise error(f"DM at {session.base_url} is unreachable: {_why(exc)}") from None
             if resp.status_code != 401:
                 return _check(resp, session.base_url)
             session.logged_in = False  # the session expired: log in once more

@@ -13,7 +13,7 @@ from typing import Any
 
 from .client import DmClient
 from .config import DmConfig
-from .errors import ERRORS_BY_NAME, CommunicationError, DmError
+from .errors import ERRORS_BY_NAME, CommunicationError, DmError, NoAnswer
 from .records import Daq, Experiment, Job, Upload, Workflow
 from .routes import Service
 
@@ -61,8 +61,8 @@ class DmPackageClient(DmClient):
                                           self.config.timeout)
         except DmError:
             raise
-        except TimeoutError:
-            raise CommunicationError(
+        except TimeoutError:  # the vendor call goes on in its thread: DM may yet act on it
+            raise NoAnswer(
                 f"dm package call {method} did not answer in {self.config.timeout} s") from None
         except Exception as exc:
             # the vendor's exception classes carry DM's names

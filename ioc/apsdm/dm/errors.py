@@ -27,6 +27,10 @@ class CommunicationError(DmError):
     code = 3
 
 
+class NoAnswer(CommunicationError):
+    """The request reached DM (or may have) but no answer came back: DM may have acted on it."""
+
+
 class ConfigurationError(DmError):
     code = 4
 

@@ -17,9 +17,9 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
-from apsdm.dm import CommunicationError, DmClient, DmError
+from apsdm.dm import CommunicationError, Daq, DmClient, DmError, Job, NoAnswer
 from apsdm.dm.records import RESERVED_JOB_KEYS
 
 from .hub import OK, STATUS_COMM, Hub, PutRejected, Writer, coerce, state_alarm
@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 _USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]*")
 #: a job argument: a ``$name`` variable of the workflow's commands
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: how much earlier than our start call DM's clock may date what that call started
+CLOCK_SLACK = 60.0
+
+T = TypeVar("T")
 
 
 def _dm_refusal(action: str, exc: DmError) -> PutRejected:
@@ -262,25 +266,59 @@ class Commands:
         except LookupError as exc:
             raise PutRejected(str(exc)) from None
 
+    async def _start(self, slot: str, what: str, call: Callable[[], Awaitable[T]],
+                     find: Callable[[Snapshot], T | None],
+                     confirm: Callable[[T], Awaitable[bool]] | None = None) -> T:
+        """Make a start call. When it went out but no answer came, DM may have acted on it:
+        wait until DM answers again and take what ``find`` sees it started (and ``confirm``
+        accepts), so the slot shows the truth and a retry cannot start it twice."""
+        try:
+            return await call()
+        except NoAnswer as exc:
+            why = exc.message
+        except DmError as exc:
+            raise _dm_refusal(f"{what} not started", exc) from None
+        log.warning("%s: %s: started or not? asking DM once it answers", slot, why)
+        await self.hub.post(f"{self.p}{slot}:Message_RBV",
+                            f"no answer from DM: waiting to see if the {what} started",
+                            state_alarm("no answer from DM"))
+        try:
+            found = await self.poller.follow(find, what, reached=lambda _obj: True)
+        except LookupError:
+            raise PutRejected(f"{what} not started: DM gave no answer ({why}) "
+                              "and has listed none since") from None
+        try:
+            if confirm is not None and not await confirm(found):
+                raise PutRejected(f"{what} not started: DM gave no answer ({why}); what "
+                                  "it started since has other arguments")
+        except DmError as exc:
+            raise _dm_refusal(f"{what} started or not: DM cannot tell", exc) from None
+        log.info("%s: DM did start the %s: following it", slot, what)
+        return found
+
     async def daq_start(self, n: int) -> None:
         """Start the slot's DAQ, or adopt an active one on the same experiment and tree."""
         s = f"{self.p}DAQ{n}:"
         experiment = self._experiment()
         directory = absolute_path(s + "DataDirectory", self.hub[s + "DataDirectory"])
         dest = relative_path(s + "DestDirectory", self.hub[s + "DestDirectory"])
+
+        def on_tree(daqs: Any) -> Daq | None:
+            return next((d for d in daqs if d.active and d.experiment_name == experiment
+                         and d.data_directory.rstrip("/") == directory), None)
+
         await self._dm_ready()
         try:
-            for daq in await self.dm.list_daqs():
-                if (daq.active and daq.experiment_name == experiment
-                        and daq.data_directory.rstrip("/") == directory):
-                    await self._remember(f"DAQ{n}", daq.id)
-                    await self.hub.post(s + "Message_RBV", f"reusing active DAQ {daq.id[:8]}")
-                    break
-            else:
-                daq = await self.dm.start_daq(experiment, directory, destDirectory=dest)
-                await self._remember(f"DAQ{n}", daq.id)
+            daq = on_tree(await self.dm.list_daqs())
         except DmError as exc:
             raise _dm_refusal("DAQ not started", exc) from None
+        if daq is not None:
+            await self.hub.post(s + "Message_RBV", f"reusing active DAQ {daq.id[:8]}")
+        else:
+            daq = await self._start(f"DAQ{n}", "DAQ", lambda: self.dm.start_daq(
+                experiment, directory, destDirectory=dest),
+                lambda snap: on_tree(snap.daqs.values()))
+        await self._remember(f"DAQ{n}", daq.id)
         await self._follow(lambda snap: snap.daqs.get(daq.id), f"DAQ {daq.id[:8]}",
                            reached=lambda _listed: True)
 
@@ -315,10 +353,19 @@ class Commands:
             directory = path
             info["processingMode"] = "directory"
         await self._dm_ready()
-        try:
-            upload = await self.dm.upload(experiment, directory, **info)
-        except DmError as exc:
-            raise _dm_refusal("upload not started", exc) from None
+        known, asked = set(self.poller.snapshot.uploads), time.time()
+
+        def started(snap: Snapshot) -> Any:
+            return next((u for u in snap.uploads.values() if u.id not in known
+                         and u.start_time >= asked - CLOCK_SLACK
+                         and (u.experiment_name, posixpath.normpath(u.data_directory),
+                              posixpath.normpath(u.dest_directory or "."),
+                              u.raw.get("experimentFilePath"))
+                         == (experiment, posixpath.normpath(directory), posixpath.normpath(dest or "."),
+                             info.get("experimentFilePath"))), None)
+
+        upload = await self._start(f"UP{n}", "upload",
+                                   lambda: self.dm.upload(experiment, directory, **info), started)
         await self._remember(f"UP{n}", upload.id)
         final = await self._follow(lambda snap: snap.uploads.get(upload.id),
                                    f"upload {upload.id[:8]}")
@@ -346,15 +393,23 @@ class Commands:
                     j.workflow_name == name and j.owner == owner and not j.finished
                     for j in snap.jobs.values()))
             await self._dm_ready()
-            try:
-                job = await self.dm.start_processing_job(name, args, owner=owner)
-            except DmError as exc:
-                raise _dm_refusal(f"workflow {name} not started", exc) from None
+            known, asked = set(self.poller.snapshot.jobs), time.time()
+            job = await self._start(
+                f"WF{n}", f"workflow {name}", lambda: self.dm.start_processing_job(name, args, owner=owner),
+                lambda snap: next((j for j in snap.jobs.values() if j.id not in known
+                                   and (j.workflow_name, j.owner) == (name, owner)
+                                   and j.submission_time >= asked - CLOCK_SLACK), None),
+                lambda job: self._has_args(job, args))
             await self._remember(f"WF{n}", job.id, owner)
             self._poll_owners()
         final = await self._follow(lambda snap: snap.jobs.get(job.id), f"job {job.id[:8]}")
         if final.status != "done":
             raise PutRejected(f"job {job.id[:8]} {final.status}: {final.error_message}")
+
+    async def _has_args(self, job: Job, args: dict[str, Any]) -> bool:
+        """Whether DM's job was given these arguments (DM keeps each at the job's top level)."""
+        raw = (await self.dm.get_processing_job(job.id, job.owner)).raw
+        return all(str(raw.get(key)) == str(value) for key, value in args.items())
 
     # --- metadata -----------------------------------------------------------------------
 
