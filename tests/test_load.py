@@ -603,12 +603,7 @@ def test_soak_under_load(tmp_path: Path) -> None:
     assert ioc_alive, "the IOC died"
     assert not figures.problems, figures.problems
     _, _, rss_problem = rss_verdict(figures.usage, soak_start)
-    if rss_problem:
-        # Known and open (issue 6): caproto keeps the last 1,000 updates of every CA
-        # subscription, sent or not, so RSS climbs until those fill. A shorter backlog
-        # starves monitors in a burst (test_fifty_monitors_follow_a_burst_of_writes), so
-        # it is not the fix. Everything else above stays a hard failure.
-        pytest.xfail(f"memory not flat (caproto subscription backlog): {rss_problem}")
+    assert not rss_problem, rss_problem
     # a poll is one list call per kind, however many jobs are active
     medians = {n: statistics.median(d) for n, d in figures.per_poll.items()}
     assert len(set(medians.values())) == 1, f"DM requests per poll scale with jobs: {medians}"
