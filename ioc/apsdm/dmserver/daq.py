@@ -127,8 +127,10 @@ def file_stat(st: os.stat_result) -> FileStat:
     return st.st_size, st.st_mtime_ns
 
 
-def list_files(root: Path, hidden: bool) -> dict[str, tuple[FileStat, float]]:
-    """Every regular file under root: relative path -> (version, ctime); dot-files if asked."""
+def list_files(root: Path, hidden: bool, known: Callable[[str, FileStat], bool] | None = None
+               ) -> dict[str, tuple[FileStat, float]]:
+    """Every regular file under root: relative path -> (version, ctime); dot-files if asked,
+    and none that ``known`` says is already handled at this version."""
     if not root.is_dir():
         raise TransferFailed(f"data directory {root} no longer exists")
     found: dict[str, tuple[FileStat, float]] = {}
@@ -142,7 +144,9 @@ def list_files(root: Path, hidden: bool) -> dict[str, tuple[FileStat, float]]:
             with contextlib.suppress(OSError):  # gone since listed: nothing to copy
                 st = os.stat(path)
                 if stat.S_ISREG(st.st_mode):
-                    found[os.path.relpath(path, root)] = (file_stat(st), st.st_ctime)
+                    rel, version = os.path.relpath(path, root), file_stat(st)
+                    if known is None or not known(rel, version):
+                        found[rel] = (version, st.st_ctime)
     return found
 
 
@@ -579,24 +583,39 @@ class DaqRunner:
     async def _loop(self, period: float) -> None:
         next_scan, final = 0.0, False
         while not self.transfer.abort.is_set():
-            now = time.monotonic()
-            dirty, self._dirty = self._dirty, set()
-            if self._rescan or now >= next_scan:
+            if self._rescan or time.monotonic() >= next_scan:
                 final = self._stop_at is not None
                 self._rescan = False
-                next_scan = now + period
-                found = await asyncio.to_thread(list_files, self.transfer.source,
-                                                self.transfer.hidden)
-                checked = found.keys() | self._waiting.keys()
+                next_scan = time.monotonic() + period
+                await self._pass(rescan=True)
             else:
-                checked = dirty | self._waiting.keys()
-                found = await asyncio.to_thread(self._stat, checked)
-            self._observe(found, checked)
+                await self._pass(rescan=False)
             await self._copy_stable()
             if final and (not self._waiting or self._drain_expired()):
                 self.transfer.finish("done")
                 return
             await self._pause(next_scan)
+
+    async def _pass(self, rescan: bool) -> None:
+        """Look at the whole tree (rescan) or at the files events named and those waiting.
+
+        A rescan leaves out, in its worker thread, files already handled at their current
+        version: its cost in memory follows what changed, not the size of the tree.
+        """
+        dirty, self._dirty = self._dirty, set()
+        if rescan:
+            found = await asyncio.to_thread(list_files, self.transfer.source,
+                                            self.transfer.hidden, self._handled)
+            checked = found.keys() | self._waiting.keys()
+        else:
+            checked = dirty | self._waiting.keys()
+            found = await asyncio.to_thread(self._stat, checked)
+        self._observe(found, checked)
+
+    def _handled(self, rel: str, version: FileStat) -> bool:
+        """Whether a file was copied at this version and is not waiting (read from the
+        rescan's thread: single dict lookups, safe under the GIL)."""
+        return self._processed.get(rel) == version and rel not in self._waiting
 
     def _stat(self, rels: set[str]) -> dict[str, tuple[FileStat, float]]:
         """The current version of some files (those that are gone or not files are left out)."""
