@@ -583,13 +583,12 @@ class DaqRunner:
     async def _loop(self, period: float) -> None:
         next_scan, final = 0.0, False
         while not self.transfer.abort.is_set():
-            if self._rescan or time.monotonic() >= next_scan:
+            rescan = self._rescan or time.monotonic() >= next_scan
+            if rescan:
                 final = self._stop_at is not None
                 self._rescan = False
                 next_scan = time.monotonic() + period
-                await self._pass(rescan=True)
-            else:
-                await self._pass(rescan=False)
+            await self._pass(rescan)
             await self._copy_stable()
             if final and (not self._waiting or self._drain_expired()):
                 self.transfer.finish("done")
