@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -344,3 +347,30 @@ def test_fifty_monitors_follow_a_burst_of_writes(ioc: Ioc) -> None:
     wait_until(lambda: all(v == final for v in last.values()) and len(last) == 50, 15,
                "every monitor shows the last write")
     assert min(counts.values()) > 10  # updates flowed throughout, not just the last one
+
+
+#: a CA client that monitors a PV 50 times, writes it 500 times and vanishes at once
+_BURST_AND_LEAVE = """
+import os, sys, epics
+name = sys.argv[1]
+monitors = [epics.PV(name, auto_monitor=True, callback=lambda **_: None) for _ in range(50)]
+writer = epics.PV(name)
+assert all(m.wait_for_connection(10) for m in [*monitors, writer])
+for i in range(500):
+    writer.put('{"n": %d}' % i, wait=True, timeout=10)
+os._exit(0)
+"""
+
+
+def test_clients_leaving_mid_burst_leave_ca_serving(ioc: Ioc) -> None:
+    """Monitors that disconnect while their updates are still being sent must not stop
+    caproto's update loop (it iterated a list that the disconnection changed, and died)."""
+    for _ in range(2):  # the second finds no CA server if the first killed it
+        subprocess.run([sys.executable, "-c", _BURST_AND_LEAVE, ioc.pv("Metadata:Json")],
+                       env={**os.environ, **ioc.env}, timeout=120, check=True,
+                       stdout=subprocess.DEVNULL)
+    beats: list[int] = []
+    monitor = epics.PV(ioc.pv("Status:Heartbeat_RBV"), callback=lambda value, **_: beats.append(value))
+    assert monitor.wait_for_connection(5)
+    wait_until(lambda: len(beats) >= 3, 10, "heartbeat updates to a new monitor")
+    assert "Server error" not in ioc.log()

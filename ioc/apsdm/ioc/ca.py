@@ -138,12 +138,36 @@ class _ReleasingCircuit(VirtualCircuit):
             self.unexpired_updates.pop(sub.subscriptionid, None)
         return removed
 
+    async def _on_disconnect(self) -> None:
+        await super()._on_disconnect()
+        # nothing sends this queue any more: empty it, so an update being queued (the
+        # context waits while a queue is full) cannot hold up every other client
+        self.unexpired_updates.clear()
+        while not self.subscription_queue.empty():
+            self.subscription_queue.get_nowait()
+
 
 class _NoDelayContext(Context):
     """caproto's context with TCP_NODELAY on client sockets (else 40 ms put stalls),
-    whose circuits release monitor updates once sent."""
+    whose circuits release monitor updates once sent, and whose update loop outlives
+    clients that leave in mid-burst."""
 
     CircuitClass = _ReleasingCircuit
+
+    async def _subscription_queue_iteration(self, sub_specs: Any, metadata: Any, values: Any,
+                                            flags: int, sub: Any) -> None:
+        """Hand one update to every subscription it is for. caproto walks the live list of
+        subscriptions while it waits on each circuit's queue; a client that disconnects
+        meanwhile changes that list, and the error ended caproto's update loop for good
+        (no monitor got anything after). Walk a copy, and skip circuits that are gone."""
+        if sub is not None:  # the first update of one new subscription
+            await super()._subscription_queue_iteration(sub_specs, metadata, values, flags, sub)
+            return
+        for spec in sub_specs:
+            for each in tuple(self.subscriptions[spec]):
+                if each.circuit.connected:
+                    await self._subscription_queue_send(spec, each, metadata=metadata,
+                                                        values=values, flags=flags)
 
     async def server_accept_loop(self, sock: socket.socket) -> None:
         # Linux hands the listening socket's TCP_NODELAY on to every accepted socket
