@@ -599,7 +599,7 @@ def test_soak_under_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
     with capsys.disabled():  # the figures go into every run's output, CI's included
         print("\n" + figures.summary())
-        for when, mb, cpu in figures.usage[::6]:
+        for when, mb, cpu in figures.usage[::6] + figures.usage[-1:]:  # every minute, the end
             print(f"  t={when - soak_start:4.0f} s: IOC RSS {mb:6.1f} MB, CPU {cpu:3.0f} %")
     assert ioc_alive, "the IOC died"
     assert not figures.problems, figures.problems
@@ -710,7 +710,9 @@ def test_monitored_pvs_hold_no_sent_updates(ioc: Any) -> None:
     wait_until(lambda: seen[-20:] == [last] * 20, 30, "every monitor shows the last write")
     grown = rss().rss / 2**20 - before
     received = len(seen) - earlier
-    assert received > 20 * 1000 * 0.9, f"monitors missed updates: {received} of 20,000"
+    # a client that falls behind asks the server to hold back (CA flow control), and then
+    # gets only the newest values; half of them is still 40 MB that caproto would have kept
+    assert received > 20 * 1000 // 2, f"monitors got only {received} of 20,000 updates"
     assert grown < 16, f"IOC RSS grew {grown:.1f} MB over 20,000 monitor updates"
 
 
