@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from apsdm.dm import CommunicationError, Daq, DmClient, DmError, Job, NoAnswer
+from apsdm.dm import CommunicationError, Daq, DmClient, DmError, Job, NoAnswer, Upload
 from apsdm.dm.records import RESERVED_JOB_KEYS
 
 from .hub import OK, STATUS_COMM, Hub, PutRejected, Writer, coerce, state_alarm
@@ -41,6 +41,11 @@ T = TypeVar("T")
 
 def _dm_refusal(action: str, exc: DmError) -> PutRejected:
     return PutRejected(f"{action}: {exc.message}")
+
+
+def _dir(path: str) -> str:
+    """A directory as a comparable path ("" is ".")."""
+    return posixpath.normpath(path or ".")
 
 
 def absolute_path(label: str, path: str) -> str:
@@ -267,11 +272,20 @@ class Commands:
             raise PutRejected(str(exc)) from None
 
     async def _start(self, slot: str, what: str, call: Callable[[], Awaitable[T]],
-                     find: Callable[[Snapshot], T | None],
+                     listed: Callable[[Snapshot], dict[str, T]], matches: Callable[[T], bool],
+                     since: Callable[[T], float] | None = None,
                      confirm: Callable[[T], Awaitable[bool]] | None = None) -> T:
         """Make a start call. When it went out but no answer came, DM may have acted on it:
-        wait until DM answers again and take what ``find`` sees it started (and ``confirm``
-        accepts), so the slot shows the truth and a retry cannot start it twice."""
+        wait until DM answers again and take what it lists that ``matches`` (and, with
+        ``since``, is new since the call; and ``confirm`` accepts), so the slot shows the
+        truth and a retry cannot start it twice."""
+        before, asked = set(listed(self.poller.snapshot)), time.time()
+
+        def started(snap: Snapshot) -> T | None:
+            return next((obj for key, obj in listed(snap).items() if matches(obj) and (
+                since is None or (key not in before and since(obj) >= asked - CLOCK_SLACK))),
+                None)
+
         try:
             return await call()
         except NoAnswer as exc:
@@ -283,7 +297,7 @@ class Commands:
                             f"no answer from DM: waiting to see if the {what} started",
                             state_alarm("no answer from DM"))
         try:
-            found = await self.poller.follow(find, what, reached=lambda _obj: True)
+            found = await self.poller.follow(started, what, reached=lambda _obj: True)
         except LookupError:
             raise PutRejected(f"{what} not started: DM gave no answer ({why}) "
                               "and has listed none since") from None
@@ -303,21 +317,21 @@ class Commands:
         directory = absolute_path(s + "DataDirectory", self.hub[s + "DataDirectory"])
         dest = relative_path(s + "DestDirectory", self.hub[s + "DestDirectory"])
 
-        def on_tree(daqs: Any) -> Daq | None:
-            return next((d for d in daqs if d.active and d.experiment_name == experiment
-                         and d.data_directory.rstrip("/") == directory), None)
+        def on_tree(daq: Daq) -> bool:
+            return (daq.active and daq.experiment_name == experiment
+                    and daq.data_directory.rstrip("/") == directory)
 
         await self._dm_ready()
         try:
-            daq = on_tree(await self.dm.list_daqs())
+            daq = next(filter(on_tree, await self.dm.list_daqs()), None)
         except DmError as exc:
             raise _dm_refusal("DAQ not started", exc) from None
         if daq is not None:
             await self.hub.post(s + "Message_RBV", f"reusing active DAQ {daq.id[:8]}")
-        else:
-            daq = await self._start(f"DAQ{n}", "DAQ", lambda: self.dm.start_daq(
-                experiment, directory, destDirectory=dest),
-                lambda snap: on_tree(snap.daqs.values()))
+        else:  # started in doubt: any active DAQ on the tree is the one to follow
+            daq = await self._start(
+                f"DAQ{n}", "DAQ", lambda: self.dm.start_daq(experiment, directory, destDirectory=dest),
+                lambda snap: snap.daqs, on_tree)
         await self._remember(f"DAQ{n}", daq.id)
         await self._follow(lambda snap: snap.daqs.get(daq.id), f"DAQ {daq.id[:8]}",
                            reached=lambda _listed: True)
@@ -353,19 +367,14 @@ class Commands:
             directory = path
             info["processingMode"] = "directory"
         await self._dm_ready()
-        known, asked = set(self.poller.snapshot.uploads), time.time()
+        def this_one(u: Upload) -> bool:
+            return (u.experiment_name, _dir(u.data_directory), _dir(u.dest_directory),
+                    u.raw.get("experimentFilePath")) == (
+                experiment, _dir(directory), _dir(dest), info.get("experimentFilePath"))
 
-        def started(snap: Snapshot) -> Any:
-            return next((u for u in snap.uploads.values() if u.id not in known
-                         and u.start_time >= asked - CLOCK_SLACK
-                         and (u.experiment_name, posixpath.normpath(u.data_directory),
-                              posixpath.normpath(u.dest_directory or "."),
-                              u.raw.get("experimentFilePath"))
-                         == (experiment, posixpath.normpath(directory), posixpath.normpath(dest or "."),
-                             info.get("experimentFilePath"))), None)
-
-        upload = await self._start(f"UP{n}", "upload",
-                                   lambda: self.dm.upload(experiment, directory, **info), started)
+        upload = await self._start(
+            f"UP{n}", "upload", lambda: self.dm.upload(experiment, directory, **info),
+            lambda snap: snap.uploads, this_one, since=lambda u: u.start_time)
         await self._remember(f"UP{n}", upload.id)
         final = await self._follow(lambda snap: snap.uploads.get(upload.id),
                                    f"upload {upload.id[:8]}")
@@ -393,13 +402,10 @@ class Commands:
                     j.workflow_name == name and j.owner == owner and not j.finished
                     for j in snap.jobs.values()))
             await self._dm_ready()
-            known, asked = set(self.poller.snapshot.jobs), time.time()
             job = await self._start(
                 f"WF{n}", f"workflow {name}", lambda: self.dm.start_processing_job(name, args, owner=owner),
-                lambda snap: next((j for j in snap.jobs.values() if j.id not in known
-                                   and (j.workflow_name, j.owner) == (name, owner)
-                                   and j.submission_time >= asked - CLOCK_SLACK), None),
-                lambda job: self._has_args(job, args))
+                lambda snap: snap.jobs, lambda j: (j.workflow_name, j.owner) == (name, owner),
+                since=lambda j: j.submission_time, confirm=lambda j: self._has_args(j, args))
             await self._remember(f"WF{n}", job.id, owner)
             self._poll_owners()
         final = await self._follow(lambda snap: snap.jobs.get(job.id), f"job {job.id[:8]}")
