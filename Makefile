@@ -28,4 +28,4 @@ bench: $(STAMP)  ## benchmarks, printed as ratios against references run alongsi
 	$(BIN)/python -m bench $(ARGS)
 
 generate: $(STAMP)  ## regenerate db/ and opi/ from the PV schema
-	$(BIN)/python -m apsdm.ioc.dbgen
+	$(BIN)/python -m apsdm.gateway.generate

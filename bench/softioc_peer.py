@@ -7,7 +7,7 @@ import sys
 
 from softioc import asyncio_dispatcher, builder, softioc
 
-from apsdm.ioc.schema import Kind, Layout, build
+from apsdm.gateway.schema import Kind, Layout, build
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ from test_ioc import wait_until
 
 from apsdm.dm import routes, wire
 from apsdm.dm.records import RESERVED_JOB_KEYS
-from apsdm.ioc.schema import PV, STREAM_STATES, Kind, Layout, build
+from apsdm.gateway.schema import PV, STREAM_STATES, Kind, Layout, build
 
 #: hypothesis examples per test on top of the fixed edge cases (APSDM_FUZZ_EXAMPLES to change)
 EXAMPLES = int(os.environ.get("APSDM_FUZZ_EXAMPLES", "150"))

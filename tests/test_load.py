@@ -648,9 +648,9 @@ class FakeDm:
 
 def test_poll_lists_only_unfinished_and_new_jobs() -> None:
     """A long job history neither hides new jobs (DM cuts lists at 5000) nor grows a poll."""
-    from apsdm.ioc.hub import Hub
-    from apsdm.ioc.poller import JOBS_SHOWN, Poller
-    from apsdm.ioc.schema import Layout, build
+    from apsdm.gateway.hub import Hub
+    from apsdm.gateway.poller import JOBS_SHOWN, Poller
+    from apsdm.gateway.schema import Layout, build
 
     async def scenario() -> None:
         layout = Layout("T:")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from ophyd import EpicsSignal, EpicsSignalRO
 
-from apsdm.ioc.schema import PV, Kind, Layout, build
+from apsdm.gateway.schema import PV, Kind, Layout, build
 from apsdm_ophyd.devices import NO_YES, UPLOAD_MODES, DMGateway
 
 LAYOUTS = [Layout(), Layout(prefix="BL9:DM:", n_daq=2, n_upload=1, n_workflow=3)]

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 
 from apsdm import __version__
-from apsdm.ioc import dbgen
-from apsdm.ioc.schema import PV, Layout, build
+from apsdm.gateway import generate
+from apsdm.gateway.schema import PV, Layout, build
 
 ROOT = Path(__file__).resolve().parents[1]
 OPI = ROOT / "opi"
@@ -304,9 +304,9 @@ def test_adl_layout(path: Path) -> None:
 
 
 def test_generated_files_match_the_schema() -> None:
-    """db/ and opi/ are exactly what `python -m apsdm.ioc.dbgen` writes now."""
-    assert dbgen.differences(ROOT) == [], "run: PYTHONPATH=ioc python -m apsdm.ioc.dbgen"
-    generated = set(dbgen.artifacts())
+    """db/ and opi/ are exactly what `python -m apsdm.gateway.generate` writes now."""
+    assert generate.differences(ROOT) == [], "run: PYTHONPATH=ioc python -m apsdm.gateway.generate"
+    generated = set(generate.artifacts())
     on_disk = {str(p.relative_to(ROOT)) for d in ("db", "opi") for p in (ROOT / d).iterdir()
                if p.is_file()}
     assert on_disk == generated, f"files not made by the generator: {on_disk - generated}"

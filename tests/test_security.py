@@ -24,7 +24,7 @@ from p4p.client.thread import RemoteError
 from test_ioc import add_experiment, add_workflow, caget, caput, select, wait_until
 
 from apsdm.dm import routes
-from apsdm.ioc.schema import PV, Kind, Layout, build
+from apsdm.gateway.schema import PV, Kind, Layout, build
 
 # --- the write allow-list ----------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
+from apsdm import logs
 from apsdm.dm.errors import DmError
 
 from . import start_service
@@ -58,10 +59,7 @@ async def _serve(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point; exit status 0 after a clean stop, 1 if the service cannot start."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.log_level != "DEBUG":
-        logging.getLogger("apsdm.dmserver.access").setLevel(logging.WARNING)
+    logs.setup(args.log_level)
     try:
         asyncio.run(_serve(args))
     except (DmError, OSError) as exc:

@@ -9,11 +9,10 @@ import os
 import re
 import signal
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
-from apsdm import __version__
+from apsdm import __version__, logs
 from apsdm.dm import DmClient, DmConfig
 
 from .ca import CaServer
@@ -24,7 +23,7 @@ from .poller import Poller
 from .pva import PvaServer
 from .schema import Layout, build
 
-log = logging.getLogger("apsdm.ioc")
+log = logging.getLogger("apsdm.gateway")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -184,8 +183,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(args.log_level)
     # caproto logs every refused put with a traceback; the gateway logs a one-line reason
     logging.getLogger("caproto.circ").setLevel(logging.CRITICAL)
     asyncio.run(run(args))

@@ -1,8 +1,8 @@
 """Operator screens generated from the PV schema: Phoebus ``.bob`` and MEDM ``.adl``.
 
 One layout model (pages of label/value rows on a fixed grid) is built from
-:func:`apsdm.ioc.schema.build`; two small writers turn it into both formats, so the two
-screen sets show the same PVs in the same places. Written by ``python -m apsdm.ioc.dbgen``.
+:func:`apsdm.gateway.schema.build`; two small writers turn it into both formats, so the two
+screen sets show the same PVs in the same places. Written by ``python -m apsdm.gateway.generate``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from apsdm.ioc.schema import PV, Field, Kind, Layout, build
+from apsdm.gateway.schema import PV, Field, Kind, Layout, template
 
 DEFAULT_LAYOUT = Layout()  # 4 slots of each kind
 FILE_PREFIX = "apsdm_"
@@ -196,20 +196,15 @@ def _link(text: str, screen: str, **macros: str) -> Widget:
                   macros=(("P", "$(P)"), *macros.items()))
 
 
-def _macro_pvs(layout: Layout) -> list[PV]:
-    """The schema's PVs with the prefix written as the $(P) macro."""
-    return build(replace(layout, prefix="$(P)"))
-
-
-def _slot_macro_pvs() -> list[PV]:
+def _slottemplate() -> list[PV]:
     """The schema's PVs as screens of one slot name them: prefix $(P), slot number $(N)."""
     return [replace(pv, name=pv.name.replace(f"{pv.group}1:", f"{pv.group}$(N):"))
-            if pv.slot else pv for pv in _macro_pvs(Layout(n_daq=1, n_upload=1, n_workflow=1))]
+            if pv.slot else pv for pv in template(Layout(n_daq=1, n_upload=1, n_workflow=1))]
 
 
 def _overview(layout: Layout) -> Screen:
     """Experiment, gateway health and one line per slot with its commands and a details link."""
-    pvs = {(pv.group, pv.slot, pv.suffix): pv for pv in _macro_pvs(layout)}
+    pvs = {(pv.group, pv.slot, pv.suffix): pv for pv in template(layout)}
     width = MARGIN + SLOT_LABEL_W + sum(w + GAP for w in SUMMARY_W) + GAP + LINK_W + MARGIN
     page = _Page("overview", "APS Data Management gateway   $(P)", max(width, PAGE_W))
     for group, title, screen in (("Experiment", "Experiment", "experiment"),
@@ -245,7 +240,7 @@ def _detail(name: str, title: str, sections: Sequence[tuple[str, Sequence[PV]]],
 
 def _screens(layout: Layout) -> list[Screen]:
     """All screens: overview, experiment, one per slot kind (macro $(N)), gateway status."""
-    pvs = _slot_macro_pvs()
+    pvs = _slottemplate()
     group = {g: [pv for pv in pvs if pv.group == g] for g in {pv.group for pv in pvs}}
     tables = {screen: [pv for pv in group[""] if TABLE_SCREEN[pv.suffix] == screen]
               for screen in set(TABLE_SCREEN.values())}
@@ -514,10 +509,10 @@ def to_adl(screen: Screen) -> str:
     return "\n".join(blocks) + "\n"
 
 
-def screens(layout: Layout = DEFAULT_LAYOUT) -> dict[str, str]:
-    """Every screen file, by file name: a .bob and an .adl per screen."""
-    files = {}
+def files(layout: Layout = DEFAULT_LAYOUT) -> dict[str, str]:
+    """The opi/ files by path relative to the repository root: a .bob and an .adl per screen."""
+    out = {}
     for screen in _screens(layout):
-        files[f"{FILE_PREFIX}{screen.name}.bob"] = to_bob(screen)
-        files[f"{FILE_PREFIX}{screen.name}.adl"] = to_adl(screen)
-    return files
+        out[f"opi/{FILE_PREFIX}{screen.name}.bob"] = to_bob(screen)
+        out[f"opi/{FILE_PREFIX}{screen.name}.adl"] = to_adl(screen)
+    return out

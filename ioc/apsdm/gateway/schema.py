@@ -7,7 +7,7 @@ busy-style ``bo`` commands, slots ``DAQn:``, ``UPn:``, ``WFn:``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 LONG_STRING = 4096  # bytes a long-string (char waveform) PV holds
@@ -209,3 +209,8 @@ def build(layout: Layout = Layout()) -> list[PV]:
     pvs += [PV(f"{p}{f.suffix}", "", 0, f) for f in TABLES]
     pvs += [PV(f"{p}Stream:{f.suffix}", "Stream", 0, f) for f in STREAM]
     return pvs
+
+
+def template(layout: Layout = Layout()) -> list[PV]:
+    """The PVs of :func:`build` with the prefix written as the ``$(P)`` macro (db/, screens)."""
+    return build(replace(layout, prefix="$(P)"))
