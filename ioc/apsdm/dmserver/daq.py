@@ -29,7 +29,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from apsdm.dm.errors import DmError, InvalidArgument, ObjectNotFound
-from apsdm.dm.records import ACTIVE_STATUSES
+from apsdm.dm.status import ACTIVE_STATUSES
 
 from .store import Doc, Store, ThrottledSaver
 from .workflow import as_bool, dm_timestamp
