@@ -85,6 +85,17 @@ class Table:
     columns: tuple[Column, ...]
 
 
+ColumnSpec = tuple[str, str, "str | Callable[[Any], Any]"]
+
+
+def table(record: Record, rows: Callable[[Any], Iterable[Any]],
+          columns: tuple[ColumnSpec, ...]) -> Table:
+    """A table from (name, p4p type code, row attribute or getter) column specs."""
+    return Table(record, rows, tuple(
+        Column(name, code, attrgetter(get) if isinstance(get, str) else get)
+        for name, code, get in columns))
+
+
 @dataclass(frozen=True)
 class Field:
     """One PV of a group: its suffix, representation and role, and its behaviour:
@@ -245,15 +256,15 @@ UPLOAD = (
     _f("Message_RBV", LS, "Last message"),
 )
 
-STAGE_COLUMNS = (
-    Column("stage", "s", lambda r: r[0].id),
-    Column("child", "i", lambda r: int(r[1].get("childProcessNumber", -1))),
-    Column("status", "s", lambda r: str(r[1].get("status", r[0].status))),
-    Column("runTime", "d", lambda r: float(r[1].get("runTime") or 0.0)),
-    Column("exitStatus", "i", lambda r: int(r[1].get("exitStatus") or 0)),
-    Column("command", "s", lambda r: str(r[1].get("command", r[0].command))),
-    Column("stdOut", "s", lambda r: str(r[1].get("stdOut") or "")[-2000:]),
-    Column("stdErr", "s", lambda r: str(r[1].get("stdErr") or "")[-2000:]),
+STAGE_COLUMNS: tuple[ColumnSpec, ...] = (
+    ("stage", "s", lambda r: r[0].id),
+    ("child", "i", lambda r: int(r[1].get("childProcessNumber", -1))),
+    ("status", "s", lambda r: str(r[1].get("status", r[0].status))),
+    ("runTime", "d", lambda r: float(r[1].get("runTime") or 0.0)),
+    ("exitStatus", "i", lambda r: int(r[1].get("exitStatus") or 0)),
+    ("command", "s", lambda r: str(r[1].get("command", r[0].command))),
+    ("stdOut", "s", lambda r: str(r[1].get("stdOut") or "")[-2000:]),
+    ("stdErr", "s", lambda r: str(r[1].get("stdErr") or "")[-2000:]),
 )
 
 WORKFLOW = (
@@ -275,7 +286,7 @@ WORKFLOW = (
     _f("StagesTotal_RBV", L, "Stages in workflow", source=Source(JOB_, lambda j: len(j.stages))),
     _f("Message_RBV", LS, "Last message"),
     _f("Stages", Kind.TABLE, "Stages and child processes",
-       table=Table(JOB_, _stage_rows, STAGE_COLUMNS)),
+       table=table(JOB_, _stage_rows, STAGE_COLUMNS)),
 )
 
 METADATA = (
@@ -301,43 +312,43 @@ STATUS = (
 
 def _transfer_table(rows: Callable[[Any], Iterable[Any]]) -> Table:
     """The DAQs and Uploads tables: one row per transfer DM lists."""
-    return Table(SNAP, rows, (
-        Column("id", "s", attrgetter("id")),
-        Column("experiment", "s", attrgetter("experiment_name")),
-        Column("dataDirectory", "s", attrgetter("data_directory")),
-        Column("destDirectory", "s", attrgetter("dest_directory")),
-        Column("status", "s", attrgetter("status")),
-        Column("nFiles", "i", attrgetter("n_files")),
-        Column("nProcessed", "i", attrgetter("n_processed")),
-        Column("nErrors", "i", attrgetter("n_errors")),
-        Column("percent", "d", attrgetter("percent"))))
+    return table(SNAP, rows, (
+        ("id", "s", "id"),
+        ("experiment", "s", "experiment_name"),
+        ("dataDirectory", "s", "data_directory"),
+        ("destDirectory", "s", "dest_directory"),
+        ("status", "s", "status"),
+        ("nFiles", "i", "n_files"),
+        ("nProcessed", "i", "n_processed"),
+        ("nErrors", "i", "n_errors"),
+        ("percent", "d", "percent")))
 
 
 TABLES = (
-    _f("Experiments", Kind.TABLE, "Experiments of this station", table=Table(
+    _f("Experiments", Kind.TABLE, "Experiments of this station", table=table(
         SNAP, attrgetter("experiments"), (
-            Column("name", "s", attrgetter("name")),
-            Column("id", "i", attrgetter("id")),
-            Column("station", "s", attrgetter("station")),
-            Column("type", "s", attrgetter("type")),
-            Column("startDate", "s", attrgetter("start_date")),
-            Column("description", "s", attrgetter("description"))))),
+            ("name", "s", "name"),
+            ("id", "i", "id"),
+            ("station", "s", "station"),
+            ("type", "s", "type"),
+            ("startDate", "s", "start_date"),
+            ("description", "s", "description")))),
     _f("DAQs", Kind.TABLE, "DAQs", table=_transfer_table(lambda s: s.daqs.values())),
     _f("Uploads", Kind.TABLE, "Uploads", table=_transfer_table(lambda s: s.uploads.values())),
-    _f("Jobs", Kind.TABLE, "Processing jobs", table=Table(SNAP, _newest_jobs, (
-        Column("id", "s", attrgetter("id")),
-        Column("workflow", "s", attrgetter("workflow_name")),
-        Column("owner", "s", attrgetter("owner")),
-        Column("status", "s", attrgetter("status")),
-        Column("stage", "s", attrgetter("stage")),
-        Column("runTime", "d", attrgetter("run_time")),
-        Column("submitted", "s", lambda j: str(j.raw.get("submissionTimestamp", ""))),
-        Column("errorMessage", "s", attrgetter("error_message"))))),
-    _f("Workflows", Kind.TABLE, "Workflows", table=Table(SNAP, attrgetter("workflows"), (
-        Column("name", "s", attrgetter("name")),
-        Column("owner", "s", attrgetter("owner")),
-        Column("stages", "i", lambda w: len(w.stages)),
-        Column("description", "s", attrgetter("description"))))),
+    _f("Jobs", Kind.TABLE, "Processing jobs", table=table(SNAP, _newest_jobs, (
+        ("id", "s", "id"),
+        ("workflow", "s", "workflow_name"),
+        ("owner", "s", "owner"),
+        ("status", "s", "status"),
+        ("stage", "s", "stage"),
+        ("runTime", "d", "run_time"),
+        ("submitted", "s", lambda j: str(j.raw.get("submissionTimestamp", ""))),
+        ("errorMessage", "s", "error_message")))),
+    _f("Workflows", Kind.TABLE, "Workflows", table=table(SNAP, attrgetter("workflows"), (
+        ("name", "s", "name"),
+        ("owner", "s", "owner"),
+        ("stages", "i", lambda w: len(w.stages)),
+        ("description", "s", "description")))),
 )
 
 STREAM = (
