@@ -20,7 +20,7 @@ from apsdm.gateway.hub import MINOR, OK, STATUS_COMM, Hub, PutRejected, Writer
 from apsdm.gateway.persist import Persistence
 from apsdm.gateway.poller import Poller
 from apsdm.gateway.publisher import Publisher
-from apsdm.gateway.schema import Layout, build
+from apsdm.gateway.schema import Kind, Layout, build
 from apsdm.gateway.state import MISSING_POLLS, DmState, Link
 
 P = "U:"
@@ -394,4 +394,4 @@ def test_every_readback_is_published_or_posted_by_a_command() -> None:
     for pv in build(LAYOUT):
         if pv.is_rbv and pv.field.source is None:
             assert pv.suffix in posted_elsewhere, pv.name
-        assert (pv.field.table is not None) == (pv.field.kind.value == "table"), pv.name
+        assert (pv.field.table is not None) == (pv.field.kind is Kind.TABLE), pv.name

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from apsdm.dm import Daq, DmError, Job, NoAnswer, Upload
+from apsdm.dm import CommunicationError, Daq, DmError, Job, NoAnswer, Upload
 from apsdm.dm.api import DmApi
 
 from .checks import PutRejected, absolute_path, job_args, json_object, relative_path
@@ -61,6 +61,7 @@ class Commands:
 
     async def _record_writer(self, pv: PV, writer: Writer) -> None:
         """Status:LastWriter_RBV: who started which command, and when."""
+        log.info("%s by %s", self._key(pv), writer)
         await self.hub.post(f"{self.p}Status:LastWriter_RBV",
                             f"{writer} {self._key(pv)} {time.strftime('%H:%M:%S')}")
 
@@ -112,7 +113,7 @@ class Commands:
         :meth:`DmState.ensure_connected`); call it after the inputs are checked."""
         try:
             await self.state.ensure_connected()
-        except DmError as exc:
+        except CommunicationError as exc:
             raise PutRejected(f"not sent: {exc.message}") from None
 
     async def select_experiment(self, pv: PV, name: str, _writer: Writer) -> str:
@@ -126,6 +127,7 @@ class Commands:
             except DmError as exc:
                 raise _dm_refusal(f"experiment {name!r} not selected", exc) from None
         await self.state.select(name, experiment)
+        log.info("experiment %r selected", name)
         await self.hub.post(self.hub.message_pv(pv), "", OK)
         return name
 
@@ -133,6 +135,7 @@ class Commands:
 
     async def _remember(self, slot: str, obj_id: str, owner: str = "") -> None:
         """Follow what a slot started; its id (and job owner) are kept for restarts."""
+        log.info("%s: following %s", slot, obj_id)
         try:
             self.state.remember(slot, obj_id, owner)
         except OSError as exc:  # it has started all the same: say so, don't refuse
@@ -317,7 +320,7 @@ class Commands:
             raise _dm_refusal("metadata not uploaded", exc) from None
         await self.hub.post(m + "DatasetName_RBV", name)
         await self.hub.post(m + "Message_RBV", f"dataset {name} added to {experiment}")
-
+        log.info("dataset %s added to %s", name, experiment)
 
 
 def _slot(pv: PV) -> str:

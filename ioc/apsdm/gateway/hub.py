@@ -189,6 +189,7 @@ class Hub:
         self._running[name] = task
         try:
             await task
+            log.info("%s: done", name)
         except asyncio.CancelledError:
             if name not in self._released:  # the put itself was cancelled (shutdown)
                 raise
