@@ -62,7 +62,7 @@ class Observer(Protocol):
 class DmState:
     """Owns the DM-side state; the poll loop, the publisher and commands go through it."""
 
-    def __init__(self, persist: Persistence, observer: Observer | None = None) -> None:
+    def __init__(self, persist: Persistence, observer: Observer) -> None:
         self._persist = persist
         self.observer = observer
         self.snapshot = Snapshot()
@@ -183,13 +183,12 @@ class DmState:
 
     async def _ended_with(self, link: Link, why: str, failure: str = "") -> None:
         self.link, self.why = link, why
-        if self.observer is not None:
-            if link is Link.DOWN:
-                await self.observer.lost(why)
-            elif failure:
-                await self.observer.poll_failed(failure)
-            else:
-                await self.observer.changed(self)
+        if link is Link.DOWN:
+            await self.observer.lost(why)
+        elif failure:
+            await self.observer.poll_failed(failure)
+        else:
+            await self.observer.changed(self)
         self._polling = False
         self._ended += 1
         async with self._changed:
@@ -203,8 +202,7 @@ class DmState:
         self.selected, self.experiment = name, experiment
         self.selection += 1
         self.save_setting(SELECTION, name)
-        if self.observer is not None:
-            await self.observer.changed(self, only=Record.EXPERIMENT)
+        await self.observer.changed(self, only=Record.EXPERIMENT)
 
     def remember(self, slot: str, obj_id: str, owner: str = "") -> None:
         """Follow what a slot started and keep its id (and job owner) on disk for restarts;
