@@ -164,8 +164,6 @@ class DmState:
                      lookup: tuple[int, Experiment | None] | None = None) -> None:
         """A poll reached DM: take its snapshot and, from ``lookup`` (the selection it
         looked up, and DM's answer), the selected experiment unless a command chose anew."""
-        if self.link is Link.DOWN:
-            log.info("DM reachable again")
         self.snapshot = snap
         if lookup is not None and lookup[0] == self.selection:
             self.experiment = lookup[1]
@@ -182,6 +180,8 @@ class DmState:
         await self._ended_with(Link.UP, "", failure=why)
 
     async def _ended_with(self, link: Link, why: str, failure: str = "") -> None:
+        if self.link is Link.DOWN and link is Link.UP:
+            log.info("DM reachable again")
         self.link, self.why = link, why
         if link is Link.DOWN:
             await self.observer.lost(why)
