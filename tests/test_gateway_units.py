@@ -177,16 +177,20 @@ async def test_good_settings_are_normalised_saved_and_restored(tmp_path: Path) -
 
 # --- commands ------------------------------------------------------------------------------
 
+async def start_job(gw: Gateway, args: str = "") -> tuple[asyncio.Task[Any], str]:
+    """WF1:Start of workflow ``reduce`` in the background, once DM lists its job: the put, the job id."""
+    await gw.put("WF1:Name", "reduce")
+    await gw.put("WF1:Args", args)
+    put = gw.start("WF1:Start")
+    await gw.until(lambda: gw["WF1:JobId_RBV"] != "")
+    return put, gw["WF1:JobId_RBV"]
+
 @scenario
 async def test_workflow_start_completes_when_the_job_is_done(tmp_path: Path) -> None:
     """WFn:Start starts a job with the slot's arguments and its put ends with the job."""
     async with selected(tmp_path) as gw:
-        await gw.put("WF1:Name", "reduce")
-        await gw.put("WF1:Args", '{"x": 5}')
-        put = gw.start("WF1:Start")
-        await gw.until(lambda: gw["WF1:JobId_RBV"] != "")
+        put, job_id = await start_job(gw, '{"x": 5}')
         assert gw["WF1:Start"] == 1 and not put.done()
-        job_id = gw["WF1:JobId_RBV"]
         assert gw.dm.jobs[job_id]["x"] == 5
         gw.dm.set(job_id, status="done")
         await put
@@ -201,10 +205,8 @@ async def test_workflow_start_completes_when_the_job_is_done(tmp_path: Path) -> 
 async def test_failed_job_fails_the_put_with_an_alarm(tmp_path: Path) -> None:
     """A job that fails fails its put and raises a STATE alarm on Status_RBV."""
     async with selected(tmp_path) as gw:
-        await gw.put("WF1:Name", "reduce")
-        put = gw.start("WF1:Start")
-        await gw.until(lambda: gw["WF1:JobId_RBV"] != "")
-        gw.dm.set(gw["WF1:JobId_RBV"], status="failed", errorMessage="Stage 01 failed")
+        put, job_id = await start_job(gw)
+        gw.dm.set(job_id, status="failed", errorMessage="Stage 01 failed")
         with pytest.raises(PutRejected, match="failed: Stage 01 failed"):
             await put
         assert gw.alarm("WF1:Status_RBV").severity == MINOR
@@ -359,10 +361,7 @@ async def test_refused_poll_says_so_and_keeps_polling(tmp_path: Path) -> None:
 async def test_restart_reattaches_and_starts_nothing(tmp_path: Path) -> None:
     """After a restart the slots show what they started before; nothing is started anew."""
     async with selected(tmp_path) as gw:
-        await gw.put("WF1:Name", "reduce")
-        put = gw.start("WF1:Start")
-        await gw.until(lambda: gw["WF1:JobId_RBV"] != "")
-        job_id = gw["WF1:JobId_RBV"]
+        put, job_id = await start_job(gw)
         put.cancel()
     gw.dm.calls.clear()
     gw.dm.set(job_id, status="running", stage="01")
