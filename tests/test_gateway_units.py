@@ -14,13 +14,13 @@ from typing import Any
 import pytest
 from fake_dm import FakeDm
 
-from apsdm.dm import InvalidArgument, NoAnswer
+from apsdm.dm import Experiment, InvalidArgument, NoAnswer
 from apsdm.gateway.commands import Commands
 from apsdm.gateway.hub import MINOR, OK, STATUS_COMM, Hub, PutRejected, Writer
 from apsdm.gateway.persist import Persistence
 from apsdm.gateway.poller import Poller
 from apsdm.gateway.publisher import Publisher
-from apsdm.gateway.schema import Kind, Layout, build
+from apsdm.gateway.schema import PV, Field, Kind, Layout, Record, build, of
 from apsdm.gateway.state import MISSING_POLLS, DmState, Link
 
 P = "U:"
@@ -394,3 +394,16 @@ def test_every_readback_is_published_or_posted_by_a_command() -> None:
         if pv.is_rbv and pv.field.source is None:
             assert pv.suffix in posted_elsewhere, pv.name
         assert (pv.field.table is not None) == (pv.field.kind is Kind.TABLE), pv.name
+
+
+@scenario
+async def test_a_new_readback_is_one_schema_line(tmp_path: Path) -> None:
+    """A field that names its DM source is published with no other code."""
+    extra = PV(P + "Experiment:Extra_RBV", "Experiment", 0,
+               Field("Extra_RBV", Kind.STRING, "extra", source=of(Record.EXPERIMENT, "station")))
+    hub = Hub([*build(LAYOUT), extra])
+    state = DmState(Persistence(tmp_path / "s.json"), Publisher(hub))
+    await state.select("exp1", Experiment(1, "exp1", station="8-ID-I"))
+    assert hub[extra.name] == "8-ID-I"
+    await state.select("", None)
+    assert hub[extra.name] == extra.field.initial
