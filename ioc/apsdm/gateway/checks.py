@@ -101,8 +101,6 @@ def as_text(parse: Callable[[str, str], object]) -> Check:
     def check(label: str, text: str) -> str:
         parse(label, text)
         return text
-    check.__name__ = f"{parse.__name__}_text"
-    check.__doc__ = f"Store the text if it parses as {parse.__name__} does."
     return check
 
 
