@@ -245,4 +245,6 @@ class FakeDm:
         return await self._do("add_dataset", add)
 
     async def get_experiment_file(self, experiment: str, path: str) -> dict[str, Any]:
-        raise ObjectNotFound(f"{experiment}:{path} not catalogued")
+        def find() -> dict[str, Any]:
+            raise ObjectNotFound(f"{experiment}:{path} not catalogued")
+        return await self._do("get_experiment_file", find)

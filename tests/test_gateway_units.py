@@ -316,6 +316,21 @@ async def test_start_without_answer_checks_the_job_arguments(tmp_path: Path) -> 
 
 
 @scenario
+async def test_upload_without_answer_adopts_the_upload_of_that_source(tmp_path: Path) -> None:
+    """An upload DM took but never answered is taken by its source and destination."""
+    async with selected(tmp_path) as gw:
+        gw.dm.fail("upload", NoAnswer("read timed out"), acted=True)
+        await gw.put("UP1:Path", "/data/run")
+        await gw.put("UP1:Mode", "Directory")
+        put = gw.start("UP1:Start")
+        await gw.until(lambda: gw["UP1:Id_RBV"] != "")
+        (upload_id,) = gw.dm.uploads
+        assert gw["UP1:Id_RBV"] == upload_id
+        gw.dm.set(upload_id, status="done")
+        await put
+
+
+@scenario
 async def test_refused_start_is_not_in_doubt(tmp_path: Path) -> None:
     """DM's refusal of a start (an answer) fails the put at once with DM's words."""
     async with selected(tmp_path) as gw:
