@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from apsdm.dm.errors import InvalidArgument
-from apsdm.dmserver.workflow import (
+from apsdm.dmserver.workflow.runner import (
     INVALID_FILE_SPEC,
     OUTPUT_CAP,
     JobRunner,

@@ -23,9 +23,9 @@ from apsdm.dm.config import Credentials
 from apsdm.dm.errors import ConfigurationError, InvalidArgument
 from apsdm.dm.routes import Service
 
-from .app import Catalog, Experiments, Processing, Sessions, build_app, check_name
-from .daq import DaqService, WatchHub
+from .rest import Catalog, Experiments, Processing, Sessions, build_app, check_name
 from .store import Store
+from .transfer import DaqService, WatchHub
 from .upload import UploadService
 
 __all__ = ["EmbeddedService", "start_service"]

@@ -17,7 +17,8 @@ from typing import Any
 
 from apsdm.dm.errors import InvalidArgument
 
-from .daq import (
+from .store import Doc
+from .transfer import (
     ERROR,
     WAITING,
     CopyAborted,
@@ -32,7 +33,6 @@ from .daq import (
     list_files,
     relative_path,
 )
-from .store import Doc
 
 MODES = ("files", "directory")
 

@@ -32,7 +32,7 @@ from apsdm.dm.errors import DmError, InvalidArgument, ObjectNotFound
 from apsdm.dm.records import ACTIVE_STATUSES
 
 from .store import Doc, Store, ThrottledSaver
-from .workflow import as_bool, dm_timestamp
+from .workflow.runner import as_bool, dm_timestamp
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ from apsdm.dm.errors import (
     exception_type_name,
 )
 
-from .daq import FindExperiment, relative_path
 from .store import JOB_SUMMARY_KEYS, Doc, Store, ThrottledSaver
-from .workflow import (
+from .transfer import FindExperiment, relative_path
+from .workflow.runner import (
     JobRunner,
     interrupted,
     kill_leftovers,
