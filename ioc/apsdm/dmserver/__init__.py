@@ -23,10 +23,15 @@ from apsdm.dm.config import Credentials
 from apsdm.dm.errors import ConfigurationError, InvalidArgument
 from apsdm.dm.routes import Service
 
-from .rest import Catalog, Experiments, Processing, Sessions, build_app, check_name
+from .catalog import Catalog
+from .common import check_name
+from .daq import DaqService
+from .experiments import Experiments
+from .processing import Processing
+from .rest import Sessions, build_app
 from .store import Store
-from .transfer import DaqService, WatchHub
 from .upload import UploadService
+from .watch import WatchHub
 
 __all__ = ["EmbeddedService", "start_service"]
 

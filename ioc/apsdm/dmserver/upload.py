@@ -17,22 +17,10 @@ from typing import Any
 
 from apsdm.dm.errors import InvalidArgument
 
+from .common import existing_directory, flag, relative_path
+from .copying import CopyAborted, SourceChanged, TransferFailed, copy_file, describe, list_files
 from .store import Doc
-from .transfer import (
-    ERROR,
-    WAITING,
-    CopyAborted,
-    SourceChanged,
-    Transfer,
-    TransferFailed,
-    TransferService,
-    copy_file,
-    describe,
-    existing_directory,
-    flag,
-    list_files,
-    relative_path,
-)
+from .transfer import ERROR, WAITING, Transfer, TransferService
 
 MODES = ("files", "directory")
 

@@ -1,0 +1,84 @@
+"""DAQs of the embedded DM's DAQ service: startDaq, stopDaq, listDaqs, getDaqInfo."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+from apsdm.dm.errors import ObjectNotFound
+
+from .common import FindExperiment, existing_directory, flag, local_directory
+from .daqrunner import DaqRunner
+from .store import Doc, Store
+from .transfer import CatalogFile, Transfer, TransferService
+from .watch import WatchHub
+
+log = logging.getLogger(__name__)
+
+
+class DaqService(TransferService):
+    """startDaq, stopDaq, listDaqs, getDaqInfo."""
+
+    kind = "daq"
+
+    def __init__(self, store: Store, find_experiment: FindExperiment, catalog: CatalogFile,
+                 hub: WatchHub) -> None:
+        super().__init__(store, find_experiment, catalog)
+        self._hub = hub
+        self._runners: dict[str, DaqRunner] = {}
+
+    def _work(self, transfer: Transfer) -> Coroutine[Any, Any, None]:
+        runner = DaqRunner(transfer, self._hub)
+        self._runners[transfer.id] = runner
+        return self._run(runner)
+
+    async def _run(self, runner: DaqRunner) -> None:
+        try:
+            await runner.run()
+        finally:
+            self._runners.pop(runner.transfer.id, None)
+
+    def _active(self, experiment: str, source: Path) -> DaqRunner | None:
+        for runner in self._runners.values():
+            doc = runner.transfer.doc
+            if doc["experimentName"] == experiment and doc["dataDirectory"] == str(source):
+                return runner
+        return None
+
+    def startDaq(self, experimentName: str, dataDirectory: str,
+                 taskInfo: Doc | None = None) -> Doc:
+        """Start watching dataDirectory for the experiment, or return the DAQ already doing it."""
+        experiment = self._find(experimentName)
+        source = existing_directory(dataDirectory)
+        running = self._active(experiment["name"], source)
+        if running is not None:
+            return running.transfer.doc
+        options = dict(taskInfo or {})
+        flag(options, "processExistingFiles", True)  # refuse a bad value now, not in the DAQ
+        doc = self._new_doc(experiment, source, options)
+        transfer = self._transfer(doc)
+        self._launch(transfer)
+        log.info("daq %s: %s -> %s", transfer.id, source, transfer.target)
+        return doc
+
+    async def stopDaq(self, experimentName: str, dataDirectory: str) -> Doc:
+        """End the experiment's DAQ on dataDirectory after copying what it has seen."""
+        experiment = self._find(experimentName)
+        runner = self._active(experiment["name"], local_directory(dataDirectory))
+        if runner is None:
+            raise ObjectNotFound(
+                f"no active DAQ of experiment {experimentName} on {dataDirectory}")
+        runner.stop()
+        task = self._tasks.get(runner.transfer.id)
+        if task is not None:
+            await asyncio.shield(task)  # a client that gives up does not cut the drain short
+        return runner.transfer.doc
+
+    def listDaqs(self) -> list[Doc]:
+        return self._list()
+
+    def getDaqInfo(self, id: str) -> Doc:
+        return self._get(id)
