@@ -28,7 +28,7 @@ from .common import check_name
 from .daq import DaqService
 from .experiments import Experiments
 from .processing import Processing
-from .rest import Sessions, build_app
+from .rest import app_runner
 from .store import Store
 from .upload import UploadService
 from .watch import WatchHub
@@ -38,8 +38,6 @@ __all__ = ["EmbeddedService", "start_service"]
 log = logging.getLogger(__name__)
 
 LOGIN_USER = "dm"
-#: one line per request; ``dm=`` is DM's status code (0 ok, 10 InvalidArgument, ...; "-" login)
-ACCESS_LOG_FORMAT = '%a "%r" %s %b dm=%{Dm-Status-Code}o %Tfs'
 
 
 @dataclass
@@ -116,9 +114,7 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
         store.close()
 
     closers = [daqs.shutdown, uploads.shutdown, processing.shutdown, close_rest]
-    app = build_app(Sessions(credentials), [experiments, daqs, uploads, processing, catalog])
-    runner = web.AppRunner(app, access_log=logging.getLogger("apsdm.dmserver.access"),
-                           access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=5.0)
+    runner = app_runner(credentials, [experiments, daqs, uploads, processing, catalog])
     try:
         processing.recover()
         daqs.recover()

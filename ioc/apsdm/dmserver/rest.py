@@ -33,6 +33,11 @@ from apsdm.dm.errors import (
 )
 
 log = logging.getLogger(__name__)
+#: one line per request, at INFO; apsdm.logs keeps it at WARNING unless --log-level DEBUG
+access_log = logging.getLogger("apsdm.dmserver.access")
+
+#: ``dm=`` is DM's status code (0 ok, 10 InvalidArgument, ...; "-" login)
+ACCESS_LOG_FORMAT = '%a "%r" %s %b dm=%{Dm-Status-Code}o %Tfs'
 
 SESSION_COOKIE = "session_id"
 SESSION_SECONDS = 24 * 3600
@@ -144,8 +149,9 @@ class _Dispatcher:
         return response
 
 
-def build_app(sessions: Sessions, services: Iterable[object]) -> web.Application:
-    """The web application: each route of routes.ROUTES served by the one service naming it."""
+def app_runner(credentials: Credentials, services: Iterable[object]) -> web.AppRunner:
+    """The web application, each route of routes.ROUTES served by the one service naming it,
+    in a runner that writes the access log."""
     services = list(services)
     handlers = {}
     for name in routes.ROUTES:
@@ -155,5 +161,7 @@ def build_app(sessions: Sessions, services: Iterable[object]) -> web.Application
         handlers[name] = getattr(owners[0], name)
     app = web.Application()
     # every path, a decoded newline included ('.' would leave those to aiohttp's plain 404)
-    app.router.add_route("*", r"/{tail:[\s\S]*}", _Dispatcher(sessions, handlers).handle)
-    return app
+    app.router.add_route("*", r"/{tail:[\s\S]*}",
+                         _Dispatcher(Sessions(credentials), handlers).handle)
+    return web.AppRunner(app, access_log=access_log, access_log_format=ACCESS_LOG_FORMAT,
+                         shutdown_timeout=5.0)
