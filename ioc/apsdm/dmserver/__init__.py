@@ -30,7 +30,7 @@ from .experiments import Experiments
 from .processing import Processing
 from .rest import app_runner
 from .store import Store
-from .upload import UploadService
+from .uploadrunner import UploadService
 from .watch import WatchHub
 
 __all__ = ["EmbeddedService", "start_service"]
