@@ -25,12 +25,11 @@ from apsdm.dm.routes import Service
 
 from .catalog import Catalog
 from .common import check_name
-from .daq import DaqService
+from .daq import DaqService, UploadService
 from .experiments import Experiments
 from .processing import Processing
 from .rest import app_runner
 from .store import Store
-from .uploadrunner import UploadService
 from .watch import WatchHub
 
 __all__ = ["EmbeddedService", "start_service"]

@@ -1,4 +1,5 @@
-"""DAQs of the embedded DM's DAQ service: startDaq, stopDaq, listDaqs, getDaqInfo."""
+"""DAQ service of the embedded DM: DAQs (watch a tree, copy what appears) and uploads (copy
+a tree once). Their runs live in daqrunner.py and uploadrunner.py."""
 
 from __future__ import annotations
 
@@ -8,15 +9,18 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from apsdm.dm.errors import ObjectNotFound
+from apsdm.dm.errors import InvalidArgument, ObjectNotFound
 
-from .common import FindExperiment, existing_directory, flag, local_directory
+from .common import FindExperiment, existing_directory, flag, local_directory, relative_path
 from .daqrunner import DaqRunner
 from .store import Doc, Store
 from .transfer import CatalogFile, Transfer, TransferService
+from .uploadrunner import run_upload
 from .watch import WatchHub
 
 log = logging.getLogger(__name__)
+
+MODES = ("files", "directory")  # an upload's processingMode
 
 
 class DaqService(TransferService):
@@ -82,3 +86,48 @@ class DaqService(TransferService):
 
     def getDaqInfo(self, id: str) -> Doc:
         return self._get(id)
+
+
+class UploadService(TransferService):
+    """upload, listUploads, getUploadInfo, stopUpload."""
+
+    kind = "upload"
+
+    def upload(self, experimentName: str, dataDirectory: str, daqInfo: Doc | None = None
+               ) -> Doc:
+        """Start copying dataDirectory (or its ``experimentFilePath``) into the experiment."""
+        experiment = self._find(experimentName)
+        source = existing_directory(dataDirectory)
+        options = dict(daqInfo or {})
+        options.setdefault("processingMode", "files")
+        if options["processingMode"] not in MODES:
+            raise InvalidArgument(f"processingMode must be one of {', '.join(MODES)}")
+        flag(options, "reprocessFiles", False)  # refuse a bad value now, not in the upload
+        if options.get("experimentFilePath") is not None:
+            one = relative_path(options["experimentFilePath"], "experimentFilePath")
+            if not (source / one).is_file():
+                raise InvalidArgument(f"experimentFilePath {one} is not a file in {source}")
+        doc = self._new_doc(experiment, source, options)
+        self._launch(self._transfer(doc))
+        return doc
+
+    def listUploads(self) -> list[Doc]:
+        return self._list()
+
+    def getUploadInfo(self, id: str) -> Doc:
+        return self._get(id)
+
+    async def stopUpload(self, id: str) -> Doc:
+        """Abort a running upload (its status becomes "aborted"); a finished one is returned."""
+        transfer = self._live.get(id)
+        if transfer is None:
+            return self._get(id)
+        transfer.stop_requested = True
+        transfer.abort.set()
+        task = self._tasks.get(id)
+        if task is not None:
+            await asyncio.shield(task)
+        return transfer.doc
+
+    def _work(self, transfer: Transfer) -> Coroutine[Any, Any, None]:
+        return run_upload(transfer)

@@ -1,4 +1,4 @@
-"""Uploads of the embedded DM service: copy a tree (or one file of it) into an experiment once.
+"""Upload runs of the embedded DM service: copy a tree (or one file of it) into an experiment once.
 
 ``processingMode`` "files" copies file by file and counts each; "directory" copies the whole
 tree into a hidden staging directory first and moves it into place only if every file
@@ -11,113 +11,64 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
 
-from apsdm.dm.errors import InvalidArgument
-
-from .common import existing_directory, flag, relative_path
+from .common import flag, relative_path
 from .copying import CopyAborted, SourceChanged, TransferFailed, copy_file, describe, list_files
-from .store import Doc
-from .transfer import ERROR, WAITING, Transfer, TransferService
-
-MODES = ("files", "directory")
+from .transfer import ERROR, WAITING, Transfer
 
 
-class UploadService(TransferService):
-    """upload, listUploads, getUploadInfo, stopUpload."""
-
-    kind = "upload"
-
-    def upload(self, experimentName: str, dataDirectory: str, daqInfo: Doc | None = None
-               ) -> Doc:
-        """Start copying dataDirectory (or its ``experimentFilePath``) into the experiment."""
-        experiment = self._find(experimentName)
-        source = existing_directory(dataDirectory)
-        options = dict(daqInfo or {})
-        options.setdefault("processingMode", "files")
-        if options["processingMode"] not in MODES:
-            raise InvalidArgument(f"processingMode must be one of {', '.join(MODES)}")
-        flag(options, "reprocessFiles", False)  # refuse a bad value now, not in the upload
-        if options.get("experimentFilePath") is not None:
-            one = relative_path(options["experimentFilePath"], "experimentFilePath")
-            if not (source / one).is_file():
-                raise InvalidArgument(f"experimentFilePath {one} is not a file in {source}")
-        doc = self._new_doc(experiment, source, options)
-        self._launch(self._transfer(doc))
-        return doc
-
-    def listUploads(self) -> list[Doc]:
-        return self._list()
-
-    def getUploadInfo(self, id: str) -> Doc:
-        return self._get(id)
-
-    async def stopUpload(self, id: str) -> Doc:
-        """Abort a running upload (its status becomes "aborted"); a finished one is returned."""
-        transfer = self._live.get(id)
-        if transfer is None:
-            return self._get(id)
-        transfer.stop_requested = True
-        transfer.abort.set()
-        task = self._tasks.get(id)
-        if task is not None:
-            await asyncio.shield(task)
-        return transfer.doc
-
-    def _work(self, transfer: Transfer) -> Coroutine[Any, Any, None]:
-        return self._run(transfer)
-
-    async def _run(self, transfer: Transfer) -> None:
-        doc = transfer.doc
-        reprocess = flag(doc, "reprocessFiles", False)
-        try:
-            files = await asyncio.to_thread(self._files, transfer)
-            for rel in files:
-                transfer.set_state(rel, WAITING)
-            if doc["processingMode"] == "directory":
-                await self._copy_tree(transfer, sorted(files), reprocess)
-            else:
-                for rel in sorted(files):
-                    if not await transfer.copy(rel, skip_copied=not reprocess):
-                        transfer.set_state(rel, ERROR, "changed while it was being copied")
-        except CopyAborted:
-            if transfer.stop_requested:
-                transfer.finish("aborted", "stopped by stopUpload")
-            return  # otherwise the service is stopping: the next start runs it again
-        errors = doc["processingErrors"]
-        if errors:
-            rel = next(iter(errors))
-            transfer.finish("failed", f"{len(errors)} of {doc['nFiles']} files failed; "
-                                      f"{rel}: {errors[rel]}")
-        else:
-            transfer.finish("done")
-
-    @staticmethod
-    def _files(transfer: Transfer) -> list[str]:
-        """The files to upload: the whole tree, or only ``experimentFilePath``."""
-        one = transfer.doc.get("experimentFilePath")
-        if one is None:
-            return list(list_files(transfer.source, transfer.hidden))
-        rel = str(relative_path(one, "experimentFilePath"))
-        if not (transfer.source / rel).is_file():
-            raise TransferFailed(f"{transfer.source / rel} no longer exists")
-        return [rel]
-
-    async def _copy_tree(self, transfer: Transfer, files: list[str], reprocess: bool) -> None:
-        """Directory mode: all files into a staging tree, then all moved into place at once."""
-        staging = transfer.target / f".dm-staging-{transfer.id}"
-        try:
-            copied = await asyncio.to_thread(_stage, transfer, files, staging, reprocess)
-            await asyncio.to_thread(_merge, staging, transfer, list(copied))
-        finally:
-            await asyncio.to_thread(shutil.rmtree, staging, True)
+async def run_upload(transfer: Transfer) -> None:
+    """Copy an upload's files, then end its record: done, failed (saying which files) or aborted."""
+    doc = transfer.doc
+    reprocess = flag(doc, "reprocessFiles", False)
+    try:
+        files = await asyncio.to_thread(_files, transfer)
         for rel in files:
-            if rel in copied:
-                transfer.record(rel, *copied[rel])
-            else:
-                await transfer.found_copied(rel)
+            transfer.set_state(rel, WAITING)
+        if doc["processingMode"] == "directory":
+            await _copy_tree(transfer, sorted(files), reprocess)
+        else:
+            for rel in sorted(files):
+                if not await transfer.copy(rel, skip_copied=not reprocess):
+                    transfer.set_state(rel, ERROR, "changed while it was being copied")
+    except CopyAborted:
+        if transfer.stop_requested:
+            transfer.finish("aborted", "stopped by stopUpload")
+        return  # otherwise the service is stopping: the next start runs it again
+    errors = doc["processingErrors"]
+    if errors:
+        rel = next(iter(errors))
+        transfer.finish("failed", f"{len(errors)} of {doc['nFiles']} files failed; "
+                                  f"{rel}: {errors[rel]}")
+    else:
+        transfer.finish("done")
+
+
+def _files(transfer: Transfer) -> list[str]:
+    """The files to upload: the whole tree, or only ``experimentFilePath``."""
+    one = transfer.doc.get("experimentFilePath")
+    if one is None:
+        return list(list_files(transfer.source, transfer.hidden))
+    rel = str(relative_path(one, "experimentFilePath"))
+    if not (transfer.source / rel).is_file():
+        raise TransferFailed(f"{transfer.source / rel} no longer exists")
+    return [rel]
+
+
+async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> None:
+    """Directory mode: all files into a staging tree, then all moved into place at once."""
+    staging = transfer.target / f".dm-staging-{transfer.id}"
+    try:
+        copied = await asyncio.to_thread(_stage, transfer, files, staging, reprocess)
+        await asyncio.to_thread(_merge, staging, transfer, list(copied))
+    finally:
+        await asyncio.to_thread(shutil.rmtree, staging, True)
+    for rel in files:
+        if rel in copied:
+            transfer.record(rel, *copied[rel])
+        else:
+            await transfer.found_copied(rel)
 
 
 def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
