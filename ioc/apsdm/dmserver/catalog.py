@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from apsdm.dm.errors import InvalidArgument, ObjectNotFound
+from apsdm.dm.paths import relative_path
 
-from .common import FindExperiment, new_id, relative_path
+from .common import FindExperiment, new_id
 from .store import Doc, Store
 
 

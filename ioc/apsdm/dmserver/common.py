@@ -1,4 +1,5 @@
-"""What every service of the embedded DM shares: argument checks, paths, ids, DM timestamps.
+"""What every service of the embedded DM shares: argument checks (names, flags, local data
+directories), ids and DM timestamps. Paths inside an experiment: :mod:`apsdm.dm.paths`.
 
 Each check raises InvalidArgument with a message that names the argument, so the client
 learns why DM refused it. Arguments come first, then ``what`` names them.
@@ -11,7 +12,7 @@ import re
 import secrets
 import time
 from collections.abc import Callable
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from apsdm.dm.errors import InvalidArgument
@@ -52,20 +53,6 @@ def as_bool(value: Any, what: str) -> bool:
 def flag(options: Doc, key: str, default: bool) -> bool:
     """A boolean taskInfo/daqInfo option (true/false/1/0 strings accepted)."""
     return default if options.get(key) is None else as_bool(options[key], key)
-
-
-def relative_path(value: Any, what: str) -> PurePosixPath:
-    """A path that stays inside its root (None, "" and "." are the root itself)."""
-    if value is None:
-        return PurePosixPath()
-    if not isinstance(value, str) or "\0" in value:
-        raise InvalidArgument(f"{what} must be a path string")
-    path = PurePosixPath(value)
-    if path.is_absolute() or ".." in path.parts:
-        raise InvalidArgument(
-            f"{what} {value!r} must be a relative path inside the experiment "
-            "(no leading '/', no '..')")
-    return path
 
 
 def local_directory(value: Any) -> Path:

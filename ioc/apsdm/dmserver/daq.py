@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from apsdm.dm.errors import InvalidArgument, ObjectNotFound
+from apsdm.dm.paths import relative_path
 
-from .common import FindExperiment, existing_directory, flag, local_directory, relative_path
+from .common import FindExperiment, existing_directory, flag, local_directory
 from .daqrunner import DaqRunner
 from .store import Doc, Store
 from .transfer import CatalogFile, Transfer, TransferService

@@ -18,9 +18,10 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from apsdm.dm.errors import DmError, InvalidArgument, ObjectNotFound
+from apsdm.dm.paths import relative_path
 from apsdm.dm.records import ACTIVE_STATUSES
 
-from .common import FindExperiment, dm_timestamp, flag, relative_path
+from .common import FindExperiment, dm_timestamp, flag
 from .copying import (
     FileStat,
     SourceChanged,

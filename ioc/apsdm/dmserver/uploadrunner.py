@@ -13,7 +13,9 @@ import os
 import shutil
 from pathlib import Path
 
-from .common import flag, relative_path
+from apsdm.dm.paths import relative_path
+
+from .common import flag
 from .copying import CopyAborted, SourceChanged, TransferFailed, copy_file, describe, list_files
 from .transfer import ERROR, WAITING, Transfer
 
