@@ -143,7 +143,7 @@ async def test_selected_experiment_deleted_in_dm_is_unselected(tmp_path: Path) -
 @pytest.mark.parametrize(("suffix", "value", "words"), [
     ("DAQ1:DataDirectory", "relative/dir", "absolute path"),
     ("UP1:Path", "/data/../etc", "must not contain '..'"),
-    ("DAQ2:DestDirectory", "/abs", "relative to the experiment"),
+    ("DAQ2:DestDirectory", "/abs", "relative path inside the experiment"),
     ("WF1:Args", "{bad json", "not valid JSON"),
     ("WF1:Args", '{"id": 3}', "reserves"),
     ("WF1:Owner", "a b", "not a DM user name"),

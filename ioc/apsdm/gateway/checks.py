@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from apsdm.dm import paths as dm_paths
+from apsdm.dm.errors import InvalidArgument
 from apsdm.dm.records import RESERVED_JOB_KEYS
 
 #: a DM account name (workflow owner): it becomes a URL path segment, so no '/', '?', ' ', ...
@@ -42,12 +44,11 @@ def absolute_path(label: str, path: str) -> str:
 
 
 def relative_path(label: str, path: str) -> str:
-    """A destination inside the experiment: relative, never escaping it."""
-    if path.startswith("/"):
-        raise PutRejected(f"{label} must be relative to the experiment: {path!r}")
-    if ".." in path.split("/"):
-        raise PutRejected(f"{label} must not contain '..': {path!r}")
-    return posixpath.normpath(path) if path else ""
+    """A destination inside the experiment by DM's own rule (:mod:`apsdm.dm.paths`)."""
+    try:
+        return str(dm_paths.relative_path(path, label)) if path else ""
+    except InvalidArgument as exc:
+        raise PutRejected(exc.message) from None
 
 
 def is_username(name: str) -> bool:
