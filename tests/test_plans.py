@@ -22,13 +22,17 @@ import pytest
 from bluesky import RunEngine
 from ophyd.sim import SynSignalWithRegistry
 
-from apsdm_ophyd import DMGateway, GatewayError, WorkflowFailed, pva, workflows
-from apsdm_ophyd.plans import (
+from apsdm_ophyd import (
+    DMGateway,
+    GatewayError,
     RunReport,
     UserSetup,
+    WorkflowFailed,
     file_collection_plan,
+    pva,
     setup_user,
     streaming_collection_plan,
+    workflows,
 )
 
 pytestmark = pytest.mark.timeout(180)
