@@ -21,7 +21,7 @@ from p4p.client.thread import Context
 
 from .devices import DMGateway
 from .errors import WorkflowFailed
-from .progress import DEFAULT_POLL_PERIOD, Timing, wait_until
+from .progress import DEFAULT_POLL_PERIOD, Progress, Timing, wait_until
 from .pva import PvaChannels, StreamSignal, StreamState, TableSignal
 from .reports import RunReport, UserSetup
 from .stubs import JobHandle, select_experiment, start_daq, upload, wait_workflow
@@ -156,7 +156,8 @@ def _wait_ready(ours: StreamSignal, theirs: StreamSignal, before: StreamState,
     try:
         yield from wait_until(ready_or_ended, timeout=timing.ready_timeout,
                               poll_period=timing.poll_period,
-                              what=f"workflow {handle.workflow} ready")
+                              what=f"workflow {handle.workflow} ready",
+                              progress=Progress(f"{theirs.name} ready"))
     except TimeoutError:
         yield from bps.abs_set(ours, StreamState("error", "the workflow did not become ready"),
                                wait=True)

@@ -141,8 +141,8 @@ def _workflow_known(workflows: TableSignal | None, workflow: str, owner: str,
 def _daq_covers(daq: DMDaq, directories: list[str]) -> MsgGenerator[list[str]]:
     """Problems if the DAQ is not running or does not watch where the detectors write."""
     if (yield from bps.rd(daq.active, default_value=YES)) != YES:
-        return [f"{daq.name}: no DAQ is running: run setup_user with a data_directory"]
+        return [f"{daq.prefix} no DAQ is running: run setup_user with a data_directory"]
     tree = posixpath.normpath(str((yield from bps.rd(daq.data_directory, default_value="/"))))
     outside = [d for d in directories if d.startswith("/")
                and posixpath.commonpath([tree, posixpath.normpath(d)]) != tree]
-    return [f"{daq.name} watches {tree}, but detectors write to {', '.join(outside)}"] if outside else []
+    return [f"{daq.prefix} watches {tree}, but the detectors write to {', '.join(outside)}"] if outside else []

@@ -146,9 +146,11 @@ def dm_workflow_wrapper(
                 "descriptor": [lambda _n, doc: run.descriptors.append(doc)]}
         return (yield from bpp.subs_wrapper(bpp.plan_mutator(plan, on_msg), subs))
 
+    def cleanup() -> MsgGenerator[None]:  # reads run.handle when it runs, not before
+        yield from release_workflow(run.handle, "the plan ended first")
+
     baseline: Any = None
-    yield from bpp.finalize_wrapper(body(), lambda: release_workflow(run.handle,
-                                                                     "the plan ended first"))
+    yield from bpp.finalize_wrapper(body(), cleanup)
     if run.failure is not None:
         raise run.failure
     if run.job is None:

@@ -147,5 +147,7 @@ def upload(slot: DMUpload, path: str, dest_directory: str = "",
         return (yield from wait_upload(slot, started, before, timeout=timing.upload_timeout,
                                        poll_period=timing.poll_period))
 
-    return (yield from bpp.finalize_wrapper(
-        go(), lambda: release(slot.start_upload, started, "the plan ended first")))
+    def cleanup() -> MsgGenerator[None]:  # reads ``started`` when it runs, not before
+        yield from release(slot.start_upload, started, "the plan ended first")
+
+    return (yield from bpp.finalize_wrapper(go(), cleanup))
