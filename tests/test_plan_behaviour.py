@@ -195,26 +195,28 @@ def test_unknown_workflow_bad_args_and_busy_slot_fail_before_any_data(
     experiment = f"exp-{uuid.uuid4().hex[:6]}"
     add_to_dm(dm, experiment, sleeper("slow", 4))
     run(RE, setup_user(gateway, experiment))
+    frames = tmp_path / "frames"
+    frames.mkdir()
     docs = documents(RE)
     with pytest.raises(PreflightFailed, match=r"no workflow 'nope' \(known: .*slow"):
-        RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "nope",
+        RE(file_collection_plan(gateway, [file_detector(frames)], 1, "nope",
                                 expected_files=0, pva_context=ctx, **FAST))
     with pytest.raises(PreflightFailed, match="'id' is a job field that DM reserves"):
-        RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "slow",
+        RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow",
                                 workflow_args={"id": 3}, expected_files=0, pva_context=ctx))
     gateway.wf1.workflow_name.set("slow").wait(5)
     running = gateway.wf1.start_job.set(1)  # the slot's earlier job
     while gateway.wf1.start_job.get() != 1:
         time.sleep(0.05)
     with pytest.raises(PreflightFailed, match="WF1:Start is busy"):
-        RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "slow",
+        RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow",
                                 expected_files=0, pva_context=ctx))
     running.wait(30)
     with pytest.raises(PreflightFailed, match="DAQ1: no DAQ is running"):
-        RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "slow",
+        RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow",
                                 pva_context=ctx))
     assert not docs["start"] and not docs["event"]
-    assert not list(tmp_path.iterdir())  # no frame was taken
+    assert not list(frames.iterdir())  # no frame was taken
 
 
 def test_runs_record_dm_and_failure_in_their_documents(

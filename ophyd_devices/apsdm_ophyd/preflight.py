@@ -57,8 +57,7 @@ def _argument_value(key: str, value: Any) -> bool:
     """A string or number (no NUL); for ``filePathList`` also a list of strings."""
     if key == "filePathList" and isinstance(value, list):
         return all(isinstance(v, str) and "\0" not in v for v in value)
-    return (isinstance(value, int | float) and not isinstance(value, bool)) or (
-        isinstance(value, str) and "\0" not in value)
+    return isinstance(value, int | float) or (isinstance(value, str) and "\0" not in value)
 
 
 def detector_directories(detectors: Sequence[Any]) -> MsgGenerator[list[str]]:
@@ -145,4 +144,6 @@ def _daq_covers(daq: DMDaq, directories: list[str]) -> MsgGenerator[list[str]]:
     tree = posixpath.normpath(str((yield from bps.rd(daq.data_directory, default_value="/"))))
     outside = [d for d in directories if d.startswith("/")
                and posixpath.commonpath([tree, posixpath.normpath(d)]) != tree]
-    return [f"{daq.prefix} watches {tree}, but the detectors write to {', '.join(outside)}"] if outside else []
+    if not outside:
+        return []
+    return [f"{daq.prefix} watches {tree}, but the detectors write to {', '.join(outside)}"]

@@ -26,10 +26,10 @@ def run_metadata(start: Mapping[str, Any], descriptors: Sequence[Mapping[str, An
                  **extra: Any) -> dict[str, Any]:
     """What DM's catalog gets for a run: its start document, every stream's data keys
     and objects, and ``extra``; the dataset is named like apstools', ``run_uid8_<uid[:8]>``."""
-    uid = str(start["uid"])
+    uid = str(start.get("uid", ""))  # none when the plan is only simulated
     info = {key: value for key, value in start.items() if key not in UNSHARED_KEYS}
     info.update(datasetName=f"run_uid8_{uid[:8]}", bluesky_run_uid=uid,
-                time_iso8601=datetime.fromtimestamp(float(start["time"])).isoformat(),
+                time_iso8601=datetime.fromtimestamp(float(start.get("time", 0))).isoformat(),
                 streams={str(doc["name"]): {"data_keys": sorted(doc["data_keys"]),
                                             "objects": sorted(doc.get("object_keys", {}))}
                          for doc in descriptors},
