@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from bluesky import RunEngine
 from ophyd.sim import SynSignalWithRegistry
 
-from apsdm_ophyd import DMGateway, workflows
+from apsdm_ophyd import DMGateway, setup_user, workflows
 
 FAST = {"reporting_period": 0.5, "poll_period": 0.1}
 
@@ -77,3 +78,15 @@ def run(RE: RunEngine, plan: Any) -> Any:
     result = RE(plan)
     assert result.exit_status == "success"
     return result.plan_result
+
+
+def new_user(dm: Any, gateway: DMGateway, RE: RunEngine, *definitions: dict[str, Any],
+             data: Path | None = None) -> str:
+    """A new DM experiment with these workflows, selected by setup_user (with a DAQ on
+    ``data`` if given); returns its name."""
+    experiment = f"exp-{uuid.uuid4().hex[:6]}"
+    add_to_dm(dm, experiment, *definitions)
+    if data is not None:
+        data.mkdir(exist_ok=True)
+    run(RE, setup_user(gateway, experiment, data_directory=None if data is None else str(data)))
+    return experiment

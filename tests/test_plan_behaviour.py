@@ -18,7 +18,18 @@ from bluesky import RunEngine
 from bluesky import plans as bp
 from bluesky.utils import RunEngineInterrupted
 from ophyd.sim import SynAxis
-from plan_helpers import FAST, RE, add_to_dm, ctx, demo, failing_workflow, file_detector, gateway, run
+from plan_helpers import (
+    FAST,
+    RE,
+    add_to_dm,
+    ctx,
+    demo,
+    failing_workflow,
+    file_detector,
+    gateway,
+    new_user,
+    run,
+)
 
 from apsdm_ophyd import (
     DMGateway,
@@ -95,11 +106,8 @@ def paused_then_resumed(RE: RunEngine, plan: Any, wait: str, defer: bool) -> Any
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "immediate"])
 def test_daq_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any,
                                      tmp_path: Path, defer: bool) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    add_to_dm(dm, experiment, sleeper("quick", 0.2))
     data = tmp_path / "detector"
-    data.mkdir()
-    run(RE, setup_user(gateway, experiment, data_directory=str(data)))
+    new_user(dm, gateway, RE, sleeper("quick", 0.2), data=data)
     asked = pause_in(RE, "daq1 files", defer)
     plan = file_collection_plan(gateway, [file_detector(data)], 2, "quick", expected_files=3,
                                 pva_context=ctx, poll_period=POLL)
@@ -115,9 +123,7 @@ def test_daq_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine,
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "immediate"])
 def test_workflow_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine,
                                           ctx: Any, tmp_path: Path, defer: bool) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    add_to_dm(dm, experiment, sleeper("slow"))
-    run(RE, setup_user(gateway, experiment))
+    new_user(dm, gateway, RE, sleeper("slow"))
     docs = documents(RE)
     report: RunReport = paused_then_resumed(RE, file_collection_plan(
         gateway, [file_detector(tmp_path)], 1, "slow", expected_files=0, pva_context=ctx,
@@ -127,11 +133,8 @@ def test_workflow_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEn
 
 def test_daq_wait_times_out_naming_the_watched_tree(
         dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    add_to_dm(dm, experiment, sleeper("quick", 0.2))
     data = tmp_path / "detector"
-    data.mkdir()
-    run(RE, setup_user(gateway, experiment, data_directory=str(data)))
+    new_user(dm, gateway, RE, sleeper("quick", 0.2), data=data)
     docs = documents(RE)
     with pytest.raises(TimeoutError, match=r"1 of 2 new files copied after 1 s; the DAQ "
                                            r"watches .*detector"):
@@ -159,9 +162,7 @@ def test_upload_pauses_while_waiting_and_resumes(
 def test_streaming_plan_pauses_while_waiting_for_ready_and_resumes(
         dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path,
         defer: bool) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    add_to_dm(dm, experiment, demo("streaming-demo"))
-    run(RE, setup_user(gateway, experiment))
+    new_user(dm, gateway, RE, demo("streaming-demo"))
     report: RunReport = paused_then_resumed(RE, streaming_collection_plan(
         gateway, [file_detector(tmp_path)], 3, "apsdm-streaming-demo",
         workflow_args={"pythonExe": sys.executable}, pva_context=ctx, poll_period=POLL),
@@ -173,9 +174,7 @@ def test_streaming_plan_pauses_while_waiting_for_ready_and_resumes(
 def test_abort_releases_the_workflow_slot(
         dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    add_to_dm(dm, experiment, sleeper("slow", 20))
-    run(RE, setup_user(gateway, experiment))
+    new_user(dm, gateway, RE, sleeper("slow", 20))
     pause_in(RE, "wf1 stages", defer=False)
     with pytest.raises(RunEngineInterrupted):
         RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "slow",
@@ -190,11 +189,9 @@ def test_abort_releases_the_workflow_slot(
     assert "WF1:Start released" in capsys.readouterr().out
 
 
-def test_unknown_workflow_bad_args_and_busy_slot_fail_before_any_data(
+def test_mistakes_fail_in_preflight_before_any_data(
         dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    add_to_dm(dm, experiment, sleeper("slow", 4))
-    run(RE, setup_user(gateway, experiment))
+    experiment = new_user(dm, gateway, RE, sleeper("slow", 4))
     frames = tmp_path / "frames"
     frames.mkdir()
     docs = documents(RE)
@@ -215,15 +212,19 @@ def test_unknown_workflow_bad_args_and_busy_slot_fail_before_any_data(
     with pytest.raises(PreflightFailed, match="DAQ1: no DAQ is running"):
         RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow",
                                 pva_context=ctx))
+    watched = tmp_path / "watched"
+    watched.mkdir()
+    run(RE, setup_user(gateway, experiment, data_directory=str(watched)))
+    with pytest.raises(PreflightFailed, match=r"DAQ1: watches \S*watched, but the detectors "
+                                              r"write to \S*frames"):
+        RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow", pva_context=ctx))
     assert not docs["start"] and not docs["event"]
     assert not list(frames.iterdir())  # no frame was taken
 
 
 def test_runs_record_dm_and_failure_in_their_documents(
         dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    add_to_dm(dm, experiment, demo("streaming-demo"), failing_workflow())
-    run(RE, setup_user(gateway, experiment))
+    experiment = new_user(dm, gateway, RE, demo("streaming-demo"), failing_workflow())
     docs = documents(RE)
     report: RunReport = run(RE, streaming_collection_plan(
         gateway, [file_detector(tmp_path)], 2, "apsdm-streaming-demo",
@@ -250,9 +251,7 @@ def test_runs_record_dm_and_failure_in_their_documents(
 
 def test_a_users_own_scan_wrapped_with_a_workflow_completes(
         dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    add_to_dm(dm, experiment, sleeper("after-scan", 1))
-    run(RE, setup_user(gateway, experiment))
+    new_user(dm, gateway, RE, sleeper("after-scan", 1))
     docs = documents(RE)
     motor = SynAxis(name="motor")
     report: RunReport = run(RE, dm_workflow_wrapper(
@@ -266,11 +265,8 @@ def test_a_users_own_scan_wrapped_with_a_workflow_completes(
 
 def test_progress_reaches_status_watchers(
         dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    add_to_dm(dm, experiment, sleeper("slow", 2))
     data = tmp_path / "detector"
-    data.mkdir()
-    run(RE, setup_user(gateway, experiment, data_directory=str(data)))
+    new_user(dm, gateway, RE, sleeper("slow", 2), data=data)
     seen: dict[str, list[dict[str, Any]]] = defaultdict(list)
 
     def waiting_hook(statuses: Any) -> None:  # what bluesky's ProgressBarManager does
@@ -289,9 +285,7 @@ def test_progress_reaches_status_watchers(
 
 def test_metadata_over_the_pv_limit_is_an_error_in_the_run(
         dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    add_to_dm(dm, experiment, sleeper("quick", 0.2))
-    run(RE, setup_user(gateway, experiment))
+    new_user(dm, gateway, RE, sleeper("quick", 0.2))
     docs = documents(RE)
     with pytest.raises(MetadataNotShared, match=r"over the 4095 bytes Metadata:Json holds"):
         RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "quick",
