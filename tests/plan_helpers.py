@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 from bluesky import RunEngine
 from ophyd.sim import SynSignalWithRegistry
 
@@ -49,28 +47,6 @@ def failing_workflow() -> dict[str, Any]:
         "01-OK": {"command": "echo fine"},
         "02-FAIL": {"command": "echo 'no such calibration' >&2; exit 3"},
     }}
-
-
-@pytest.fixture
-def gateway(ioc: Any) -> DMGateway:
-    """The whole gateway as one ophyd device, connected."""
-    gw = DMGateway(ioc.prefix, name="dm")
-    gw.wait_for_connection(timeout=30)
-    return gw
-
-
-@pytest.fixture
-def RE() -> RunEngine:
-    """A RunEngine that hands back the plan's return value."""
-    return RunEngine({}, call_returns_result=True)
-
-
-@pytest.fixture
-def ctx(ioc: Any) -> Iterator[Any]:
-    """A p4p client context for this test's IOC."""
-    context = ioc.pva_context()
-    yield context
-    context.close()
 
 
 def run(RE: RunEngine, plan: Any) -> Any:

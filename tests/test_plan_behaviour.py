@@ -18,18 +18,7 @@ from bluesky import RunEngine
 from bluesky import plans as bp
 from bluesky.utils import RunEngineInterrupted
 from ophyd.sim import SynAxis
-from plan_helpers import (
-    FAST,
-    RE,
-    add_to_dm,
-    ctx,
-    demo,
-    failing_workflow,
-    file_detector,
-    gateway,
-    new_user,
-    run,
-)
+from plan_helpers import FAST, add_to_dm, demo, failing_workflow, file_detector, new_user, run
 
 from apsdm_ophyd import (
     DMGateway,
@@ -45,8 +34,6 @@ from apsdm_ophyd import (
     streaming_collection_plan,
 )
 from apsdm_ophyd.pva import PvaChannels
-
-__all__ = ["RE", "ctx", "gateway"]  # fixtures used by name
 
 pytestmark = pytest.mark.timeout(180)
 

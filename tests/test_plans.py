@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from bluesky import RunEngine
-from plan_helpers import FAST, RE, add_to_dm, ctx, demo, failing_workflow, file_detector, gateway, run
+from plan_helpers import FAST, add_to_dm, demo, failing_workflow, file_detector, run
 
 from apsdm_ophyd import (
     DMGateway,
@@ -30,8 +30,6 @@ from apsdm_ophyd import (
     setup_user,
     streaming_collection_plan,
 )
-
-__all__ = ["RE", "ctx", "gateway"]  # fixtures used by name
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -85,7 +85,7 @@ def preflight(gateway: DMGateway, workflows: TableSignal | None, wf: DMWorkflow 
         problems.append(f"no valid DM experiment selected ({experiment!r}): run setup_user first")
     dm: dict[str, Any] = {"experiment": experiment}
     if wf is not None:
-        dm.update(workflow=workflow, owner=owner, workflow_slot=wf.name)
+        dm.update(workflow=workflow, owner=owner, workflow_slot=wf.prefix)
         problems += check_job_args(args or {})
         period = yield from bps.rd(gateway.health.poll_period, default_value=0.0)
         problems += (yield from _workflow_known(workflows, workflow, owner,

@@ -23,6 +23,7 @@ from .progress import DEFAULT_TIMING, Timing
 from .pva import PvaChannels
 from .reports import DMRecord, JobReport, RunReport
 from .stubs import (
+    DaqBaseline,
     JobHandle,
     daq_baseline,
     release_workflow,
@@ -60,6 +61,7 @@ class _Run:
     failure: Exception | None = None
     opened: bool = False
     closing: bool = False
+    baseline: DaqBaseline | None = None
     start: dict[str, Any] = field(default_factory=dict)
     descriptors: list[dict[str, Any]] = field(default_factory=list)
 
@@ -96,7 +98,7 @@ def dm_workflow_wrapper(
         kwargs = dict(close.kwargs)
         if kwargs.get("exit_status") in (None, "success"):
             try:
-                yield from _after_data(run, baseline)
+                yield from after_data()
             except (GatewayError, TimeoutError) as exc:
                 run.failure = exc
                 kwargs.update(exit_status="fail", reason=str(exc))
@@ -104,10 +106,10 @@ def dm_workflow_wrapper(
                 kwargs.update(_stop_fields(run, raise_on_failure))
         return (yield close._replace(kwargs=kwargs))
 
-    def _after_data(run: _Run, baseline: Any) -> MsgGenerator[None]:
-        if daq is not None:
+    def after_data() -> MsgGenerator[None]:
+        if daq is not None and run.baseline is not None:
             hint = f"; the detectors write to {', '.join(run.dm.get('detector_directories', []))}"
-            yield from wait_daq_files(daq, baseline, expected_files, timeout=timing.daq_timeout,
+            yield from wait_daq_files(daq, run.baseline, expected_files, timeout=timing.daq_timeout,
                                       poll_period=timing.poll_period, hint=hint)
         if run.handle is None:
             yield from start()
@@ -132,11 +134,10 @@ def dm_workflow_wrapper(
         return None, None
 
     def body() -> MsgGenerator[Any]:
-        nonlocal baseline
         run.dm.update((yield from preflight(
             gateway, channels.workflows, wf, workflow=request.workflow, args=request.args,
             owner=request.owner, daq=daq, detectors=detectors)))
-        baseline = (yield from daq_baseline(daq)) if daq is not None else None
+        run.baseline = (yield from daq_baseline(daq)) if daq is not None else None
         if start_first:
             yield from start()
             if when_started is not None:
@@ -149,7 +150,6 @@ def dm_workflow_wrapper(
     def cleanup() -> MsgGenerator[None]:  # reads run.handle when it runs, not before
         yield from release_workflow(run.handle, "the plan ended first")
 
-    baseline: Any = None
     yield from bpp.finalize_wrapper(body(), cleanup)
     if run.failure is not None:
         raise run.failure
@@ -157,9 +157,8 @@ def dm_workflow_wrapper(
         raise GatewayError("the wrapped plan opened no run (or its run failed): no DM workflow ran")
     result = RunReport(str(run.start.get("uid", "")), run.job, run.dataset,
                        data_management=dict(run.dm))
-    if report:
-        print(f"run {result.run_uid[:8]}: {run.job.describe()}"
-              + (f"; metadata in DM dataset {run.dataset}" if run.dataset else ""))
+    if report and run.dataset:
+        print(f"run {result.run_uid[:8]}: metadata in DM dataset {run.dataset}")
     return result
 
 

@@ -36,7 +36,7 @@ def start_daq(daq: DMDaq, data_directory: str, dest_directory: str = "",
               timing: Timing = DEFAULT_TIMING) -> MsgGenerator[str]:
     """Reuse the active DAQ on this experiment and tree, or start one; returns its id."""
     yield from write(daq, data_directory=data_directory, dest_directory=dest_directory)
-    yield from run_command(daq.start_daq, timeout=timing.upload_timeout,
+    yield from run_command(daq.start_daq, timeout=timing.daq_timeout,
                            poll_period=timing.poll_period)
 
     def running() -> MsgGenerator[bool]:
