@@ -85,7 +85,6 @@ def wait_until(check: Callable[[], MsgGenerator[bool]], *, timeout: float,
     ``timeout`` counts seconds of waiting, so time spent paused does not use it up;
     raises TimeoutError naming ``what``. ``progress`` (finished here) is shown while waiting.
     """
-    status = progress or Progress(what)
     group = short_uid("dm-wait")
     waited = 0.0
     try:
@@ -95,20 +94,21 @@ def wait_until(check: Callable[[], MsgGenerator[bool]], *, timeout: float,
             if progress is None:
                 yield from bps.sleep(poll_period)
             else:  # re-added each time: an immediate pause empties the RunEngine's group
-                yield from bps.trigger(status, group=group)
+                yield from bps.trigger(progress, group=group)
                 yield from bps.wait(group, timeout=poll_period, error_on_timeout=False)
             yield from bps.checkpoint()
             waited += poll_period
     except (GatewayError, TimeoutError):
-        yield from _close(status, group, progress is not None)
+        yield from _close(progress, group)
         raise
-    yield from _close(status, group, progress is not None)
+    yield from _close(progress, group)
 
 
-def _close(status: Progress, group: str, shown: bool) -> MsgGenerator[None]:
+def _close(progress: Progress | None, group: str) -> MsgGenerator[None]:
     """Finish the status and let the waiting hook see it end (closes a progress bar)."""
-    if not status.done:
-        status.set_finished()
-    if shown:
-        yield from bps.trigger(status, group=group)
-        yield from bps.wait(group)
+    if progress is None:
+        return
+    if not progress.done:
+        progress.set_finished()
+    yield from bps.trigger(progress, group=group)
+    yield from bps.wait(group)

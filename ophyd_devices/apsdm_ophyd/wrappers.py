@@ -108,7 +108,8 @@ def dm_workflow_wrapper(
 
     def after_data() -> MsgGenerator[None]:
         if daq is not None and run.baseline is not None:
-            hint = f"; the detectors write to {', '.join(run.dm.get('detector_directories', []))}"
+            written = ", ".join(run.dm.get("detector_directories", []))
+            hint = f"; the detectors write to {written}" if written else ""
             yield from wait_daq_files(daq, run.baseline, expected_files, timeout=timing.daq_timeout,
                                       poll_period=timing.poll_period, hint=hint)
         if run.handle is None:
@@ -128,7 +129,8 @@ def dm_workflow_wrapper(
     def on_msg(msg: Msg) -> tuple[MsgGenerator[Any] | None, None]:
         if msg.command == "open_run" and not run.opened:
             run.opened = True
-            return single_gen(msg._replace(kwargs={**msg.kwargs, "data_management": run.dm})), None
+            md = {**msg.kwargs, "data_management": dict(run.dm)}  # a copy: run.dm grows later
+            return single_gen(msg._replace(kwargs=md)), None
         if msg.command == "close_run" and run.opened and not run.closing:
             return finish(msg), None
         return None, None

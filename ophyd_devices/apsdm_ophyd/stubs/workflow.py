@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bluesky import plan_stubs as bps
+from bluesky import preprocessors as bpp
 from bluesky.utils import MsgGenerator
 from ophyd.status import Status
 from p4p.client.thread import RemoteError
@@ -59,8 +60,12 @@ def start_workflow(wf: DMWorkflow, workflow: str, args: Mapping[str, Any] | None
         handle.job_id = str((yield from bps.rd(wf.job_id, default_value="simulated")))
         return handle.job_id not in ("", previous) or _ended(handle)
 
-    yield from wait_until(has_id, timeout=timeout, poll_period=poll_period,
-                          what=f"{wf.name}: start of {workflow}")
+    def give_up(exc: Exception) -> MsgGenerator[None]:  # e.g. stopped while waiting for others
+        yield from release(wf.start_job, handle.started, f"start of {workflow} interrupted")
+
+    yield from bpp.contingency_wrapper(
+        wait_until(has_id, timeout=timeout, poll_period=poll_period,
+                   what=f"{wf.name}: start of {workflow}"), except_plan=give_up)
     if handle.job_id in ("", previous):
         why = yield from bps.rd(wf.message, default_value="")
         raise WorkflowFailed(f"workflow {workflow} not started: {why}")
