@@ -158,8 +158,9 @@ def test_streaming_plan_pauses_while_waiting_for_ready_and_resumes(
     assert report.workflow_stream.counter == 3
 
 
-def test_abort_releases_the_workflow_slot(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path,
+@pytest.mark.parametrize("end", ["abort", "stop"])
+def test_abort_and_stop_release_the_workflow_slot(
+        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path, end: str,
         capsys: pytest.CaptureFixture[str]) -> None:
     new_user(dm, gateway, RE, sleeper("slow", 20))
     pause_in(RE, "wf1 stages", defer=False)
@@ -168,7 +169,7 @@ def test_abort_releases_the_workflow_slot(
                                 expected_files=0, pva_context=ctx, poll_period=POLL))
     assert gateway.wf1.start_job.get() == 1  # paused: the job is still followed
     RE.msg_hook = None
-    RE.abort()
+    getattr(RE, end)()
     deadline = time.monotonic() + 5
     while gateway.wf1.start_job.get() != 0 and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -247,7 +248,7 @@ def test_a_users_own_scan_wrapped_with_a_workflow_completes(
         channels=PvaChannels(gateway.prefix, ctx)))
     assert report.job.ok and report.dataset == f"run_uid8_{report.run_uid[:8]}"
     assert docs["start"][-1]["plan_name"] == "scan"
-    assert len([d for d in docs["event"]]) == 3 + 1  # the scan's points and the dm event
+    assert len(docs["event"]) == 3 + 1  # the scan's points and the dm event
 
 
 def test_progress_reaches_status_watchers(

@@ -8,7 +8,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+from bluesky import RunEngine
+from bluesky import plan_stubs as bps
 from bluesky.simulators import summarize_plan
+from bluesky.utils import ProgressBarManager
 from ophyd.sim import SynSignalWithRegistry
 
 from apsdm.gateway.commands import job_args
@@ -16,12 +19,14 @@ from apsdm.gateway.hub import PutRejected
 from apsdm_ophyd import (
     DMGateway,
     JobReport,
+    Progress,
     RunReport,
     check_job_args,
     file_collection_plan,
     streaming_collection_plan,
 )
 from apsdm_ophyd.preflight import RESERVED_JOB_KEYS
+from apsdm_ophyd.progress import wait_until
 
 ARG_CASES: list[Any] = [
     {}, {"a": 1}, {"filePath": "/x/y"}, {"n": 2.5}, {"_x9": "s"}, {"filePathList": ["a", "b"]},
@@ -71,3 +76,26 @@ def test_run_report_is_json_able() -> None:
     job = JobReport("wf", "j1", "done", "02", np.float64(1.5), "", [{"exitStatus": np.int32(0)}])
     report = RunReport("uid", job, "run_uid8_uid", data_management={"n": np.int64(3)})
     assert json.loads(json.dumps(report.to_dict()))["job"]["stages"][0]["exitStatus"] == 0
+
+
+def test_waits_show_and_close_progress_bars(recwarn: pytest.WarningsRecorder) -> None:
+    progress = Progress("demo stages", 3, "stages")
+    checks = iter([0, 1, 2, 3])
+
+    def check() -> Any:
+        yield from bps.null()
+        progress.update(next(checks), 3)
+        return progress.current >= 3
+
+    RE = RunEngine({})
+    RE.waiting_hook = ProgressBarManager()
+    RE(wait_until(check, timeout=5, poll_period=0.05, what="demo", progress=progress))
+    assert progress.done and progress.success
+    assert not [w for w in recwarn if "ProgressBar" in str(w.message)]
+    with pytest.raises(TimeoutError, match=r"demo: not done after 0\.1 s"):
+        RE(wait_until(_never, timeout=0.1, poll_period=0.05, what="demo"))
+
+
+def _never() -> Any:
+    yield from bps.null()
+    return False

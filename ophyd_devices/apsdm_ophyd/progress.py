@@ -111,4 +111,5 @@ def _close(progress: Progress | None, group: str) -> MsgGenerator[None]:
     if not progress.done:
         progress.set_finished()
     yield from bps.trigger(progress, group=group)
-    yield from bps.wait(group)
+    # the same wait-and-move-on kind as the loop's, so the hook hears "done", not a new wait
+    yield from bps.wait(group, timeout=1.0, error_on_timeout=False)
