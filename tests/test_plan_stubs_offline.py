@@ -99,3 +99,7 @@ def test_waits_show_and_close_progress_bars(recwarn: pytest.WarningsRecorder) ->
 def _never() -> Any:
     yield from bps.null()
     return False
+
+
+def test_reading_the_experiment_says_which_it_is() -> None:
+    assert {"experiment_name", "valid"} <= set(DMGateway("X:", name="dm").experiment.read_attrs)
