@@ -19,9 +19,9 @@ ioc: $(STAMP)  ## run the IOC on the embedded DM service (state under var/apsdm)
 server: $(STAMP)  ## run the embedded DM service alone
 	$(BIN)/apsdm-server --data-root var/apsdm/dm $(ARGS)
 
-test: $(STAMP)  ## lint, then every test (the slow and render ones included)
+test: $(STAMP)  ## lint, then every test (the slow and render ones included), on two workers
 	$(BIN)/ruff check ioc ophyd_devices tests bench
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup $(ARGS)
 
 bench: $(STAMP)  ## benchmarks, printed as ratios against references run alongside
 	$(BIN)/pip install --quiet -e '.[bench]'

@@ -117,6 +117,16 @@ class DmServer:
         return DmClient(DmConfig.from_env({}, setup_file=str(self.setup_file)))
 
 
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the figures tests recorded (``record_property("figures", text)``) after the run,
+    on the controller, so they reach the output with two workers too (load, soak)."""
+    for report in terminalreporter.getreports("passed") + terminalreporter.getreports("failed"):
+        for name, text in report.user_properties:
+            if name == "figures" and report.when == "call":
+                terminalreporter.write_sep("-", f"figures: {report.nodeid}")
+                terminalreporter.write_line(str(text))
+
+
 @pytest.fixture
 def dm_server(tmp_path: Path) -> Iterator[DmServer]:
     server = DmServer(tmp_path / "dm", free_port(udp=False))

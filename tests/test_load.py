@@ -29,6 +29,9 @@ from typing import IO, Any
 import pytest
 
 SOAK_SECONDS = float(os.environ.get("APSDM_SOAK_SECONDS", 600))
+#: the load tests measure the IOC's memory and latency: one worker runs them one at a time,
+#: while the other worker (make test runs two) takes the rest of the suite
+pytestmark = pytest.mark.xdist_group("load")
 N_FILES = int(os.environ.get("APSDM_LOAD_FILES", 10_000))
 N_JOBS = int(os.environ.get("APSDM_LOAD_JOBS", 100))
 JOB_SECONDS = float(os.environ.get("APSDM_LOAD_JOB_SECONDS", 5))
@@ -542,7 +545,7 @@ def _check_jobs(ioc: Any, keeper: JobKeeper, slots: list[SlotRunner], figures: F
 
 @pytest.mark.slow
 @pytest.mark.timeout(int(SOAK_SECONDS) + 900)
-def test_soak_under_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_soak_under_load(tmp_path: Path, record_property: Callable[[str, object], None]) -> None:
     from conftest import make_ioc
 
     ioc = make_ioc(tmp_path, "--poll-period", str(POLL_PERIOD), "--daq-slots", str(N_SLOTS),
@@ -597,10 +600,10 @@ def test_soak_under_load(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
             child.kill()
         ioc.stop()
 
-    with capsys.disabled():  # the figures go into every run's output, CI's included
-        print("\n" + figures.summary())
-        for when, mb, cpu in figures.usage[::6] + figures.usage[-1:]:  # every minute, the end
-            print(f"  t={when - soak_start:4.0f} s: IOC RSS {mb:6.1f} MB, CPU {cpu:3.0f} %")
+    # the figures go into every run's output, CI's included (conftest prints "figures")
+    record_property("figures", "\n".join([figures.summary()] + [
+        f"  t={when - soak_start:4.0f} s: IOC RSS {mb:6.1f} MB, CPU {cpu:3.0f} %"
+        for when, mb, cpu in figures.usage[::6] + figures.usage[-1:]]))  # every minute, the end
     assert ioc_alive, "the IOC died"
     assert not figures.problems, figures.problems
     _, _, rss_problem = rss_verdict(figures.usage, soak_start)

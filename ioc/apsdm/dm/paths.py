@@ -17,7 +17,8 @@ def relative_path(value: Any, what: str) -> PurePosixPath:
         raise InvalidArgument(f"{what} must be a path string")
     path = PurePosixPath(value)
     if path.is_absolute() or ".." in path.parts:
+        # the reason first: a client that shows a short field still reads why
         raise InvalidArgument(
-            f"{what} {value!r} must be a relative path inside the experiment "
-            "(no leading '/', no '..')")
+            f"{what} must be a relative path inside the experiment "
+            f"(no leading '/', no '..'): {value!r}")
     return path
