@@ -1,0 +1,93 @@
+"""The ophyd-async devices against the live IOC on the embedded DM service, driven by the RunEngine."""
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import bluesky.plan_stubs as bps
+import bluesky.plans as bp
+import pytest
+from bluesky import RunEngine
+from bluesky.utils import FailedStatus
+from conftest import Ioc
+from ophyd_async.core import init_devices
+from ophyd_async.epics.core import _p4p
+from p4p.client.asyncio import Context
+from test_ioc import add_experiment, add_workflow
+
+from apsdm_ophyd.async_devices import CommandFailed, DMGateway, NoYes, StartCommand, StreamState
+
+
+@pytest.fixture
+def run_engine(ioc: Ioc, monkeypatch: pytest.MonkeyPatch) -> Iterator[RunEngine]:
+    """A RunEngine whose ophyd-async PVA signals find this test's IOC: ophyd-async keeps one
+    p4p context per process, made from os.environ on first use, so each test gets its own."""
+    conf = {key: value for key, value in ioc.env.items() if key.startswith("EPICS_PVA")}
+    context = Context("pva", conf=conf, useenv=False, nt=False)
+    monkeypatch.setattr(_p4p, "_context", context)
+    yield RunEngine(call_returns_result=True)
+    context.close()
+
+
+@pytest.fixture
+def dm(ioc: Ioc, run_engine: RunEngine) -> DMGateway:
+    with init_devices():
+        dm = DMGateway(ioc.prefix)
+    return dm
+
+
+def rd(run_engine: RunEngine, signal: Any) -> Any:
+    return run_engine(bps.rd(signal)).plan_result
+
+
+def test_file_based_flow_runs_a_job_to_done(ioc: Ioc, run_engine: RunEngine, dm: DMGateway) -> None:
+    add_experiment(ioc, "oasync-1")
+    add_workflow(ioc, {"name": "oasync-wf", "stages": {
+        "01-A": {"command": "echo v=$value", "outputVariableRegexList": ["v=(?P<got>\\S+)"]},
+        "02-B": {"command": "echo final $got"}}})
+    wf = dm.workflow[1]
+    events: list[dict[str, Any]] = []
+
+    def flow() -> Any:
+        yield from bps.mv(dm.experiment.experiment_name, "oasync-1")
+        yield from bps.mv(wf.workflow_name, "oasync-wf", wf.args, json.dumps({"value": "42"}))
+        yield from bps.abs_set(wf.start_job, StartCommand.START, wait=True)
+        yield from bp.count([wf])
+        return (yield from bps.rd(wf.job_id))
+
+    job_id = run_engine(flow(), lambda name, doc: events.append(doc) if name == "event" else None
+                        ).plan_result
+    assert job_id
+    assert rd(run_engine, dm.experiment.valid) is NoYes.YES
+    assert rd(run_engine, wf.job_status) == "done"
+    assert rd(run_engine, wf.stages_done) == rd(run_engine, wf.stages_total) == 2
+    [event] = events
+    assert event["data"][wf.job_status.name] == "done"
+    stages = rd(run_engine, wf.stages)
+    assert list(stages.stage) == ["01-A", "02-B"] and list(stages.status) == ["done", "done"]
+    assert stages.stdOut[1].strip() == "final 42"
+    jobs = rd(run_engine, dm.jobs)
+    row = list(jobs.id).index(job_id)
+    assert (jobs.workflow[row], jobs.status[row]) == ("oasync-wf", "done")
+    assert rd(run_engine, dm.stream.workflow.state) is StreamState.IDLE
+
+
+def test_command_fails_with_the_slot_message(ioc: Ioc, run_engine: RunEngine, dm: DMGateway) -> None:
+    add_experiment(ioc, "oasync-2")
+    add_workflow(ioc, {"name": "oasync-exit", "stages": {"01-A": {"command": "exit 3"}}})
+    wf = dm.workflow[2]
+
+    def start(workflow: str) -> Any:
+        yield from bps.mv(wf.workflow_name, workflow)
+        yield from bps.abs_set(wf.start_job, StartCommand.START, wait=True)
+
+    run_engine(bps.mv(dm.experiment.experiment_name, "oasync-2"))
+    with pytest.raises(FailedStatus) as refused:
+        run_engine(start("no-such-workflow"))
+    assert isinstance(refused.value.__cause__, CommandFailed)
+    assert "does not exist" in str(refused.value.__cause__)
+    with pytest.raises(FailedStatus) as failed:
+        run_engine(start("oasync-exit"))
+    assert isinstance(failed.value.__cause__, CommandFailed)
+    assert "exit status 3" in str(failed.value.__cause__)
+    assert rd(run_engine, wf.job_status) == "failed"
