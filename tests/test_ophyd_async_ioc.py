@@ -15,7 +15,7 @@ from ophyd_async.epics.core import _p4p
 from p4p.client.asyncio import Context
 from test_ioc import add_experiment, add_workflow
 
-from apsdm_ophyd.async_devices import CommandFailed, DMGateway, NoYes, StartCommand, StreamState
+from apsdm_ophyd.async_devices import CommandFailed, DMGateway, HandshakeState, NoYes, StartCommand
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_file_based_flow_runs_a_job_to_done(ioc: Ioc, run_engine: RunEngine, dm:
     assert rd(run_engine, wf.stages_done) == rd(run_engine, wf.stages_total) == 2
     [event] = events
     assert event["data"][wf.job_status.name] == "done"
-    assert event["data"][dm.stream.workflow.state.name] == StreamState.IDLE
+    assert event["data"][dm.stream.workflow.state.name] == HandshakeState.IDLE
     stages = rd(run_engine, wf.stages)
     assert list(stages.stage) == ["01-A", "02-B"] and list(stages.status) == ["done", "done"]
     assert stages.stdOut[1].strip() == "final 42"
@@ -102,7 +102,7 @@ def test_stream_handshake_reads_what_the_workflow_posts(ioc: Ioc, run_engine: Ru
     finally:
         ctx.close()
     side = dm.stream.workflow
-    assert rd(run_engine, side.state) is StreamState.ACQUIRING
+    assert rd(run_engine, side.state) is HandshakeState.ACQUIRING
     assert (rd(run_engine, side.message), rd(run_engine, side.counter)) == ("frame 5", 5)
     assert rd(run_engine, side.timestamp) > 0
-    assert rd(run_engine, dm.stream.bluesky.state) is StreamState.IDLE
+    assert rd(run_engine, dm.stream.bluesky.state) is HandshakeState.IDLE

@@ -14,9 +14,9 @@ from p4p.client.asyncio import RemoteError
 from apsdm_ophyd.async_devices import (
     CommandFailed,
     DMGateway,
+    HandshakeState,
     JobsTable,
     StartCommand,
-    StreamState,
 )
 
 
@@ -45,7 +45,7 @@ def test_a_job_runs_on_the_mock(run_engine: RunEngine, dm: DMGateway) -> None:
         return StartCommand.DONE
 
     callback_on_mock_put(wf.start_job.busy, job_ends)
-    set_mock_value(dm.stream.workflow.state, StreamState.ACQUIRING)
+    set_mock_value(dm.stream.workflow.state, HandshakeState.ACQUIRING)
     events: list[dict[str, Any]] = []
 
     def flow() -> Any:
@@ -60,7 +60,7 @@ def test_a_job_runs_on_the_mock(run_engine: RunEngine, dm: DMGateway) -> None:
     assert list(jobs.status) == ["done"]
     [event] = events
     assert event["data"][wf.job_status.name] == "done"
-    assert event["data"][dm.stream.workflow.state.name] == StreamState.ACQUIRING
+    assert event["data"][dm.stream.workflow.state.name] == HandshakeState.ACQUIRING
 
 
 def test_a_refused_command_fails_the_plan(run_engine: RunEngine, dm: DMGateway) -> None:

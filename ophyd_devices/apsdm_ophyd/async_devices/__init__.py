@@ -6,7 +6,7 @@ Like the ophyd (v1) devices they know only PV names, never the IOC package. Busy
 
 from .command import BusyCommand, CommandFailed
 from .daq import DMDaq
-from .enums import Connection, NoYes, StartCommand, StopCommand, StreamState, UploadCommand, UploadMode
+from .enums import Connection, HandshakeState, NoYes, StartCommand, StopCommand, UploadCommand, UploadMode
 from .experiment import DMExperiment
 from .gateway import DMGateway
 from .health import DMHealth
@@ -24,8 +24,31 @@ from .transfer import DMTransfer
 from .upload import DMUpload
 from .workflow import DMWorkflow
 
-__all__ = ["BusyCommand", "CommandFailed", "Connection", "DMDaq", "DMExperiment", "DMGateway",
-           "DMHealth", "DMMetadata", "DMStream", "DMStreamSide", "DMTransfer", "DMUpload",
-           "DMWorkflow", "ExperimentsTable", "GatewayTable", "JobsTable", "NoYes", "StagesTable",
-           "StartCommand", "StopCommand", "StreamMemberBackend", "StreamState", "TransfersTable",
-           "UploadCommand", "UploadMode", "WorkflowsTable"]
+__all__ = [
+    "BusyCommand",
+    "CommandFailed",
+    "Connection",
+    "DMDaq",
+    "DMExperiment",
+    "DMGateway",
+    "DMHealth",
+    "DMMetadata",
+    "DMStream",
+    "DMStreamSide",
+    "DMTransfer",
+    "DMUpload",
+    "DMWorkflow",
+    "ExperimentsTable",
+    "GatewayTable",
+    "HandshakeState",
+    "JobsTable",
+    "NoYes",
+    "StagesTable",
+    "StartCommand",
+    "StopCommand",
+    "StreamMemberBackend",
+    "TransfersTable",
+    "UploadCommand",
+    "UploadMode",
+    "WorkflowsTable",
+]

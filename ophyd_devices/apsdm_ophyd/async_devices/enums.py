@@ -49,7 +49,7 @@ class UploadCommand(StrictEnum):
     UPLOAD = "Upload"
 
 
-class StreamState(StrictEnum):
+class HandshakeState(StrictEnum):
     """``state`` of either side of the streaming handshake (``Stream:Bluesky``/``:Workflow``)."""
 
     IDLE = "idle"

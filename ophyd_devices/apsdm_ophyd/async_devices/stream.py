@@ -18,7 +18,7 @@ from ophyd_async.core import (
 )
 from ophyd_async.epics.core import PvaSignalBackend
 
-from .enums import StreamState
+from .enums import HandshakeState
 
 
 class _MemberConverter:
@@ -58,7 +58,7 @@ class DMStreamSide(StandardReadable):
 
     def __init__(self, pv: str, name: str = "") -> None:
         with self.add_children_as_readables():
-            self.state = SignalR(StreamMemberBackend(StreamState, pv, "state"))
+            self.state = SignalR(StreamMemberBackend(HandshakeState, pv, "state"))
             self.counter = SignalR(StreamMemberBackend(int, pv, "counter"))
         self.message = SignalR(StreamMemberBackend(str, pv, "message"))
         self.timestamp = SignalR(StreamMemberBackend(float, pv, "timestamp"))
