@@ -49,9 +49,10 @@ def test_a_job_runs_on_the_mock(run_engine: RunEngine, dm: DMGateway) -> None:
     events: list[dict[str, Any]] = []
 
     def flow() -> Any:
+        yield from bps.mv(dm.experiment.experiment_name, "exp-1")
         yield from bps.mv(wf.workflow_name, "wf", wf.args, '{"value": "42"}')
         yield from bps.abs_set(wf.start_job, StartCommand.START, wait=True)
-        yield from bp.count([wf, dm.stream])
+        yield from bp.count([wf, dm.stream, dm.experiment])
         return (yield from bps.rd(dm.jobs))
 
     jobs = run_engine(flow(), lambda name, doc: events.append(doc) if name == "event" else None
@@ -61,6 +62,7 @@ def test_a_job_runs_on_the_mock(run_engine: RunEngine, dm: DMGateway) -> None:
     [event] = events
     assert event["data"][wf.job_status.name] == "done"
     assert event["data"][dm.stream.workflow.state.name] == HandshakeState.ACQUIRING
+    assert event["data"][dm.experiment.experiment_name.name] == "exp-1"
 
 
 def test_a_refused_command_fails_the_plan(run_engine: RunEngine, dm: DMGateway) -> None:

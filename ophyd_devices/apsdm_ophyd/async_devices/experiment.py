@@ -12,8 +12,10 @@ class DMExperiment(StandardReadable):
     (``message`` says why not)."""
 
     def __init__(self, prefix: str, name: str = "") -> None:
-        with self.add_children_as_readables(Format.CONFIG_SIGNAL):
+        with self.add_children_as_readables():  # read() says which experiment, and if valid
             self.experiment_name = setting(str, prefix, "Name", rbv=True)
+            self.valid = readback(NoYes, prefix, "Valid_RBV")
+        with self.add_children_as_readables(Format.CONFIG_SIGNAL):
             self.experiment_id = readback(int, prefix, "Id_RBV")
             self.description = readback(str, prefix, "Description_RBV")
             self.station = readback(str, prefix, "Station_RBV")
@@ -22,7 +24,5 @@ class DMExperiment(StandardReadable):
             self.storage_directory = readback(str, prefix, "StorageDirectory_RBV")
             self.start_date = readback(str, prefix, "StartDate_RBV")
             self.users = readback(str, prefix, "Users_RBV")
-        with self.add_children_as_readables():
-            self.valid = readback(NoYes, prefix, "Valid_RBV")
         self.message = readback(str, prefix, "Message_RBV")
         super().__init__(name)
