@@ -1,6 +1,7 @@
 """The ophyd-async devices against the live IOC on the embedded DM service, driven by the RunEngine."""
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -94,8 +95,7 @@ def test_command_fails_with_the_slot_message(ioc: Ioc, run_engine: RunEngine, dm
     assert rd(run_engine, wf.job_status) == "failed"
 
 
-def test_stream_handshake_reads_what_the_workflow_posts(ioc: Ioc, run_engine: RunEngine,
-                                                        dm: DMGateway) -> None:
+def test_stream_handshake_both_ways(ioc: Ioc, run_engine: RunEngine, dm: DMGateway) -> None:
     ctx = ioc.pva_context()
     try:
         ctx.put(ioc.pv("Stream:Workflow"), {"state": "acquiring", "message": "frame 5", "counter": 5})
@@ -105,4 +105,12 @@ def test_stream_handshake_reads_what_the_workflow_posts(ioc: Ioc, run_engine: Ru
     assert rd(run_engine, side.state) is HandshakeState.ACQUIRING
     assert (rd(run_engine, side.message), rd(run_engine, side.counter)) == ("frame 5", 5)
     assert rd(run_engine, side.timestamp) > 0
-    assert rd(run_engine, dm.stream.bluesky.state) is HandshakeState.IDLE
+    before = time.time()
+    run_engine(bps.mv(dm.stream.bluesky.state, HandshakeState.READY, dm.stream.bluesky.counter, 2))
+    ctx = ioc.pva_context(nt=False)
+    try:
+        posted = ctx.get(ioc.pv("Stream:Bluesky"))
+    finally:
+        ctx.close()
+    assert (posted["state"], posted["counter"], posted["message"]) == ("ready", 2, "")
+    assert posted["timestamp"] >= before

@@ -69,8 +69,6 @@ def test_every_signal_is_a_served_pv_of_its_type(layout: Layout) -> None:
             assert write.field.writable, f"{sig.name} writes read-only {write.name}"
             assert read is write or (read.is_rbv and not read.field.writable
                                      and read.name == write.name + "_RBV"), sig.name
-        elif isinstance(found, StreamMemberBackend):
-            assert read.field.kind is Kind.STREAM and found.member in read.field.initial
         else:
             assert isinstance(sig, SignalR) and not read.field.writable, sig.name
 

@@ -2,21 +2,24 @@
 
 The handshake is a custom ``apsdm:stream:1.0`` structure, not a normative type: ophyd-async's
 PVA backend picks its converter from the NT type and reads a ``value`` field, so it refuses the
-PV ("no such member field 'value'"). A backend that reads one named member makes it readable.
+PV ("no such member field 'value'"). A backend that reads and writes one named member makes
+it usable; it relies on ophyd-async 0.21's PVA internals (its context and initial get).
 """
 
+import time
 from typing import Any
 
 from event_model import DataKey
 from ophyd_async.core import (
     SignalDatatypeT,
     SignalMetadata,
-    SignalR,
+    SignalRW,
     StandardReadable,
     StrictEnum,
     make_datakey,
 )
 from ophyd_async.epics.core import PvaSignalBackend
+from ophyd_async.epics.core._p4p import context
 
 from .enums import HandshakeState
 
@@ -35,7 +38,8 @@ class _MemberConverter:
 
 
 class StreamMemberBackend(PvaSignalBackend[SignalDatatypeT]):
-    """Reads (and monitors) member ``member`` of a handshake PV, with its alarm and time stamp."""
+    """Reads (and monitors) member ``member`` of a handshake PV, with its alarm and time stamp;
+    writes it alone, stamped with the current time (the IOC merges a partial put)."""
 
     def __init__(self, datatype: type[SignalDatatypeT], pv: str, member: str) -> None:
         super().__init__(datatype, pv, pv)
@@ -45,6 +49,10 @@ class StreamMemberBackend(PvaSignalBackend[SignalDatatypeT]):
         await self._store_initial_value(self.read_pv, timeout=timeout)
         self.converter = _MemberConverter(self.datatype, self.member)  # type: ignore[assignment]
 
+    async def put(self, value: SignalDatatypeT | None) -> None:
+        stamp = {} if self.member == "timestamp" else {"timestamp": time.time()}
+        await context().put(self.write_pv, {self.member: value, **stamp}, wait=True)
+
     async def get_datakey(self, source: str) -> DataKey:
         metadata = SignalMetadata()
         if isinstance(self.datatype, type) and issubclass(self.datatype, StrictEnum):
@@ -53,15 +61,14 @@ class StreamMemberBackend(PvaSignalBackend[SignalDatatypeT]):
 
 
 class DMStreamSide(StandardReadable):
-    """One side of the handshake; each side writes its own (e.g. with ``apsdm_ophyd.pva.post``)
-    and reads the other's."""
+    """One side of the handshake; each side writes its own and reads the other's."""
 
     def __init__(self, pv: str, name: str = "") -> None:
         with self.add_children_as_readables():
-            self.state = SignalR(StreamMemberBackend(HandshakeState, pv, "state"))
-            self.counter = SignalR(StreamMemberBackend(int, pv, "counter"))
-        self.message = SignalR(StreamMemberBackend(str, pv, "message"))
-        self.timestamp = SignalR(StreamMemberBackend(float, pv, "timestamp"))
+            self.state = SignalRW(StreamMemberBackend(HandshakeState, pv, "state"))
+            self.counter = SignalRW(StreamMemberBackend(int, pv, "counter"))
+        self.message = SignalRW(StreamMemberBackend(str, pv, "message"))
+        self.timestamp = SignalRW(StreamMemberBackend(float, pv, "timestamp"))
         super().__init__(name)
 
 
