@@ -3,20 +3,30 @@
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.plans as bp
 import pytest
 from bluesky import RunEngine
+from bluesky.run_engine import call_in_bluesky_event_loop
 from bluesky.utils import FailedStatus
 from conftest import Ioc
-from ophyd_async.core import init_devices
+from ophyd_async.core import init_devices, wait_for_value
 from ophyd_async.epics.core import _p4p
 from p4p.client.asyncio import Context
 from test_ioc import add_experiment, add_workflow
 
-from apsdm_ophyd.async_devices import CommandFailed, DMGateway, HandshakeState, NoYes, StartCommand
+from apsdm_ophyd.async_devices import (
+    CommandFailed,
+    DMGateway,
+    HandshakeState,
+    NoYes,
+    StartCommand,
+    StopCommand,
+    UploadMode,
+)
 
 
 @pytest.fixture
@@ -93,6 +103,28 @@ def test_command_fails_with_the_slot_message(ioc: Ioc, run_engine: RunEngine, dm
     assert isinstance(failed.value.__cause__, CommandFailed)
     assert "exit status 3" in str(failed.value.__cause__)
     assert rd(run_engine, wf.job_status) == "failed"
+
+
+def test_upload_and_daq_commands_complete_on_the_ioc(ioc: Ioc, run_engine: RunEngine, dm: DMGateway,
+                                                     tmp_path: Path) -> None:
+    add_experiment(ioc, "oasync-3")
+    src = tmp_path / "scan"
+    src.mkdir()
+    for i in range(20):
+        (src / f"img{i}.tif").write_bytes(bytes(1000))
+    up, daq = dm.upload[1], dm.daq[1]
+    run_engine(bps.mv(dm.experiment.experiment_name, "oasync-3"))
+    run_engine(bps.mv(up.path, str(src), up.dest_directory, "scan", up.mode, UploadMode.DIRECTORY))
+    run_engine(bps.abs_set(up.start_upload, StartCommand.START, wait=True))
+    assert (rd(run_engine, up.transfer_status), rd(run_engine, up.n_processed)) == ("done", 20)
+    uploads = rd(run_engine, dm.uploads)
+    assert list(uploads.nProcessed) == [20] and list(uploads.destDirectory) == ["scan"]
+    run_engine(bps.mv(daq.data_directory, str(src)))
+    run_engine(bps.abs_set(daq.start_daq, StartCommand.START, wait=True))
+    # the DAQ's start is confirmed by the next poll, as test_ioc's DAQ test waits for it too
+    call_in_bluesky_event_loop(wait_for_value(daq.active, NoYes.YES, timeout=15))
+    run_engine(bps.abs_set(daq.stop_daq, StopCommand.STOP, wait=True))
+    assert rd(run_engine, daq.active) is NoYes.NO
 
 
 def test_stream_handshake_both_ways(ioc: Ioc, run_engine: RunEngine, dm: DMGateway) -> None:
