@@ -25,6 +25,7 @@ from apsdm_ophyd.async_devices import (
     NoYes,
     StartCommand,
     StopCommand,
+    UploadCommand,
     UploadMode,
 )
 
@@ -105,8 +106,8 @@ def test_command_fails_with_the_slot_message(ioc: Ioc, run_engine: RunEngine, dm
     assert rd(run_engine, wf.job_status) == "failed"
 
 
-def test_upload_and_daq_commands_complete_on_the_ioc(ioc: Ioc, run_engine: RunEngine, dm: DMGateway,
-                                                     tmp_path: Path) -> None:
+def test_transfer_and_metadata_commands_complete_on_the_ioc(ioc: Ioc, run_engine: RunEngine,
+                                                            dm: DMGateway, tmp_path: Path) -> None:
     add_experiment(ioc, "oasync-3")
     src = tmp_path / "scan"
     src.mkdir()
@@ -125,6 +126,9 @@ def test_upload_and_daq_commands_complete_on_the_ioc(ioc: Ioc, run_engine: RunEn
     call_in_bluesky_event_loop(wait_for_value(daq.active, NoYes.YES, timeout=15))
     run_engine(bps.abs_set(daq.stop_daq, StopCommand.STOP, wait=True))
     assert rd(run_engine, daq.active) is NoYes.NO
+    run_engine(bps.mv(dm.metadata.json, json.dumps({"uid": "0123abcd-ef", "sample": "Si"})))
+    run_engine(bps.abs_set(dm.metadata.upload, UploadCommand.UPLOAD, wait=True))
+    assert rd(run_engine, dm.metadata.dataset_name) == "run_uid8_0123abcd"
 
 
 def test_stream_handshake_both_ways(ioc: Ioc, run_engine: RunEngine, dm: DMGateway) -> None:
