@@ -204,9 +204,10 @@ def use_ca(env: dict[str, str]) -> None:
     import epics
 
     # PVs of earlier tests must let go of the old context first, or their
-    # garbage collection later crashes inside libca (pyepics' clear_cache docs)
+    # garbage collection later crashes inside libca (pyepics' clear_cache docs); type(), not
+    # isinstance(): an unconnected ophyd-async PVA converter raises even on __class__
     for obj in gc.get_objects():
-        if isinstance(obj, epics.PV) and obj.context is not None:
+        if issubclass(type(obj), epics.PV) and obj.context is not None:
             # ophyd's shim PV narrows clear_callbacks() and refuses released PVs; the
             # subscription is gone by the time either complains
             with contextlib.suppress(TypeError, RuntimeError):

@@ -1,0 +1,30 @@
+"""What DAQ and upload slots share: a destination in the experiment, the DM id and copy progress."""
+
+from ophyd_async.core import StandardReadable
+from ophyd_async.core import StandardReadableFormat as Format
+
+from .signals import readback, setting
+
+
+class DMTransfer(StandardReadable):
+    """The readbacks common to ``DAQn:`` and ``UPn:``; subclasses add their settings and
+    commands in :meth:`add_slot_signals`, where the message and status signals exist already."""
+
+    def __init__(self, prefix: str, name: str = "") -> None:
+        with self.add_children_as_readables(Format.CONFIG_SIGNAL):
+            self.dest_directory = setting(str, prefix, "DestDirectory")
+            self.transfer_id = readback(str, prefix, "Id_RBV")
+        with self.add_children_as_readables():
+            self.transfer_status = readback(str, prefix, "Status_RBV")
+            self.n_files = readback(int, prefix, "NFiles_RBV")
+            self.n_errors = readback(int, prefix, "NErrors_RBV")
+            self.percent = readback(float, prefix, "Percent_RBV")
+        with self.add_children_as_readables(Format.HINTED_SIGNAL):
+            self.n_processed = readback(int, prefix, "NProcessed_RBV")
+        self.message = readback(str, prefix, "Message_RBV")
+        self.add_slot_signals(prefix)
+        super().__init__(name)
+
+    def add_slot_signals(self, prefix: str) -> None:
+        """Add the signals only this kind of slot has."""
+        raise NotImplementedError
