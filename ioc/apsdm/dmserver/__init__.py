@@ -102,7 +102,7 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
     credentials = _ensure_login_file(login_file)
     store = Store(data_root / "dm.sqlite")
     hub = WatchHub()
-    experiments = Experiments(store, data_root / "storage", station)
+    experiments = Experiments(store, data_root / "storage", station, credentials.username)
     catalog = Catalog(store, experiments.find)
     daqs = DaqService(store, experiments.find, catalog.add_file, hub)
     uploads = UploadService(store, experiments.find, catalog.add_file)

@@ -209,7 +209,8 @@ class TransferService:
             "startTimestamp": dm_timestamp(now),
             "storageDirectory": experiment["dataDirectory"],
             "storageHost": experiment["storageHost"],
-            "storageUrl": Path(experiment["dataDirectory"]).as_uri(),
+            "storageUrl": experiment["storageUrl"],  # the experiment root, as DM has it
+            "workflowJobOwner": options.get("workflowOwner") or experiment["beamlineUserAccount"],
         }
 
     def _transfer(self, doc: Doc) -> Transfer:
