@@ -28,7 +28,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from apsdm.dm.errors import ConfigurationError, InvalidArgument, ObjectNotFound
+from apsdm.dm.errors import ConfigurationError, ObjectNotFound
+from apsdm.dm.records import numeric_id
 
 from .store import Doc
 
@@ -40,13 +41,6 @@ DATA_FILE = "apsdb.json"
 def _same(value: Any, wanted: str | None) -> bool:
     """Whether a record's station/beamline/run is the one asked for (none asked: any)."""
     return not wanted or str(value or "").casefold() == wanted.casefold()
-
-
-def _number(value: str, what: str) -> int:
-    """An ESAF or proposal id: digits, leading zeros allowed (``0158394``)."""
-    if not value.isdigit():
-        raise InvalidArgument(f"{what} {value!r} is not a number")
-    return int(value)
 
 
 class ApsDb:
@@ -91,7 +85,7 @@ class ApsDb:
         return self.listStationEsafs(stationName, "", year)
 
     def getStationEsafById(self, stationName: str, esafId: str) -> Doc:
-        number = _number(esafId, "ESAF id")
+        number = numeric_id(esafId, "ESAF id")
         for esaf in self.listStationEsafs(stationName):
             if esaf.get("esafId") == number or str(esaf.get("esafId")) == esafId:
                 return esaf
@@ -110,7 +104,7 @@ class ApsDb:
 
     def getStationProposalById(self, stationName: str, proposalId: str,
                                runName: str | None = None) -> Doc:
-        number = _number(proposalId, "proposal id")
+        number = numeric_id(proposalId, "proposal id")
         for proposal in self.listStationProposals(stationName, "", runName):
             if proposal.get("id") == number or str(proposal.get("id")) == proposalId:
                 return proposal
