@@ -234,61 +234,52 @@ def _is_pi(user: dict[str, Any]) -> bool:
     return flag is True or str(flag).strip().lower() in ("y", "yes", "true", "1")
 
 
+def _people(users: Any) -> dict[str, Any]:
+    """The ``pi`` and ``users`` fields from DM's list of ESAF users or proposal experimenters."""
+    people = [u for u in users or () if isinstance(u, dict)]
+    return {"pi": next((_person(u) for u in people if _is_pi(u)), ""),
+            "users": tuple(_person(u) for u in people)}
+
+
 @dataclass(frozen=True)
-class Esaf:
-    """An Experiment Safety Approval Form from DM's APS DB service."""
+class _Beamtime:
+    """Fields shared by ESAFs and proposals (both from DM's APS DB service)."""
 
     id: str
     title: str
+    start: str = ""
+    end: str = ""
+    pi: str = ""  # "First Last (badge)"
+    users: tuple[str, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Esaf(_Beamtime):
+    """An Experiment Safety Approval Form; start and end like ``2026-02-03 08:00:00``."""
+
     description: str = ""
     sector: str = ""
     status: str = ""
-    start: str = ""  # "2026-02-03 08:00:00", local time
-    end: str = ""
-    pi: str = ""
-    users: tuple[str, ...] = ()
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Esaf:
-        people = [u for u in d.get("experimentUsers") or () if isinstance(u, dict)]
-        return cls(
-            id=str(d.get("esafId", "")),
-            title=str(d.get("esafTitle") or ""),
-            description=str(d.get("description") or ""),
-            sector=str(d.get("sector") or ""),
-            status=str(d.get("esafStatus") or ""),
-            start=str(d.get("experimentStartDate") or ""),
-            end=str(d.get("experimentEndDate") or ""),
-            pi=next((_person(u) for u in people if _is_pi(u)), ""),
-            users=tuple(_person(u) for u in people),
-            raw=d,
-        )
+        return cls(id=str(d.get("esafId", "")), title=str(d.get("esafTitle") or ""),
+                   start=str(d.get("experimentStartDate") or ""),
+                   end=str(d.get("experimentEndDate") or ""),
+                   description=str(d.get("description") or ""), sector=str(d.get("sector") or ""),
+                   status=str(d.get("esafStatus") or ""), raw=d,
+                   **_people(d.get("experimentUsers")))
 
 
 @dataclass(frozen=True)
-class Proposal:
-    """A beamtime proposal (DM's APS DB service, from the beamline scheduling system)."""
+class Proposal(_Beamtime):
+    """A beamtime proposal of the scheduling system; start and end in ISO 8601."""
 
-    id: str
-    title: str
     run: str = ""
-    start: str = ""  # ISO 8601 with UTC offset
-    end: str = ""
-    pi: str = ""
-    users: tuple[str, ...] = ()
-    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Proposal:
-        people = [u for u in d.get("experimenters") or () if isinstance(u, dict)]
-        return cls(
-            id=str(d.get("id", "")),
-            title=str(d.get("title") or ""),
-            run=str(d.get("runName") or ""),
-            start=str(d.get("startTime") or ""),
-            end=str(d.get("endTime") or ""),
-            pi=next((_person(u) for u in people if _is_pi(u)), ""),
-            users=tuple(_person(u) for u in people),
-            raw=d,
-        )
+        return cls(id=str(d.get("id", "")), title=str(d.get("title") or ""),
+                   start=str(d.get("startTime") or ""), end=str(d.get("endTime") or ""),
+                   run=str(d.get("runName") or ""), raw=d, **_people(d.get("experimenters")))
