@@ -89,3 +89,18 @@ def test_client_parses_complete_records(dm_server: DmServer, tmp_path: Any) -> N
     assert summary.primary_storage == "LOCAL" and "storageDirectory" not in summary.raw
     assert (daq.storage_url, daq.storage_directory, daq.workflow_job_owner) == (
         full.storage_url, full.data_directory, account)
+
+
+def test_experiment_dates_are_served_as_dm_serves_them(dm_server: DmServer) -> None:
+    """ISO and DMagic's DD-Mon-YY dates are stored in DM's form; a non-date is refused."""
+
+    async def go() -> Experiment:
+        async with dm_server.client() as dm:
+            with pytest.raises(InvalidArgument, match="endDate 'soon' is not a date"):
+                await dm.add_experiment("bad-date", end_date="soon")
+            return await dm.add_experiment("dmagic", start_date="03-Feb-26",
+                                           end_date="2026-02-06 08:00:00")
+
+    experiment = asyncio.run(go())
+    assert experiment.start_date.startswith("2026-02-03 00:00:00")
+    assert experiment.end_date.startswith("2026-02-06 08:00:00")

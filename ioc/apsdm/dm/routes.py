@@ -2,7 +2,9 @@
 
 This is the one place to correct a route. ``verified=False`` marks a guess: the DAQ
 service's stop/upload/list/get routes and the catalog routes were never seen in a capture
-(dm-protocol.md section 2.4), so they follow the style of the verified ones.
+(dm-protocol.md section 2.4), so they follow the style of the verified ones. The verified
+DS, PROC and startDaq routes are in real captures (dmax's tests); the APS DB ones in dmax's
+source. tests/test_dmax.py drives every route dmax knows with dmax itself.
 
 Templates: ``{x}`` is a plain segment, ``{x:e}`` a DM-encoded free-text segment.
 Query parameters keep their order; kind ``e`` is encoded text, ``j`` encoded JSON,
