@@ -232,30 +232,3 @@ def ioc(tmp_path: Path) -> Iterator[Ioc]:
 def dm(ioc: Ioc) -> Any:
     """An async DM client for the IOC's embedded DM service (for test set-up)."""
     return ioc.dm_client()
-
-
-#: ESAF and proposal records in the APS DB data file, as beamline staff would export them
-APS_DB = {
-    "runs": [{"name": "2026-1", "startTime": "2026-01-27T08:00:00-06:00",
-              "endTime": "2026-04-21T08:00:00-05:00"}],
-    "esafs": [{
-        "stationName": "APSDM", "beamlineName": "25-ID-C",
-        "esafId": 271828, "sector": "25", "esafTitle": "XANES of test samples",
-        "description": "Samples are measured at room temperature.", "esafStatus": "Approved",
-        "experimentStartDate": "2026-02-03 08:00:00", "experimentEndDate": "2026-02-06 08:00:00",
-        "experimentUsers": [
-            {"badge": "123456", "firstName": "Ada", "lastName": "Lovelace",
-             "email": "ada@example.org", "piFlag": "Yes"},
-            {"badge": "654321", "firstName": "Alan", "lastName": "Turing", "email": None,
-             "piFlag": "No"}],
-    }],
-    "proposals": [{
-        "stationName": "APSDM", "beamlineName": "25-ID-C", "runName": "2026-1",
-        "id": 77777, "title": "Charge ordering in nickelates",
-        "startTime": "2026-02-03T08:00:00-06:00", "endTime": "2026-02-06T08:00:00-06:00",
-        "duration": 259200, "mailInFlag": "No", "proprietaryFlag": "No",
-        "experimenters": [
-            {"badge": "123456", "firstName": "Ada", "lastName": "Lovelace", "piFlag": "Y",
-             "institution": "Analytical Engines Ltd."}],
-    }],
-}

@@ -10,7 +10,8 @@ import subprocess
 from typing import Any
 
 import pytest
-from conftest import APS_DB, BIN, DmServer
+from apsdb_sample import APS_DB
+from conftest import BIN, DmServer
 
 from apsdm.dm import Daq, Experiment, ObjectNotFound
 from apsdm.dm.errors import ConfigurationError, InvalidArgument

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import APS_DB, DmServer
+from apsdb_sample import APS_DB
+from conftest import DmServer
 
 from apsdm.dm.config import read_setup_file
 
