@@ -4,8 +4,6 @@ from __future__ import annotations
 
 #: ESAF and proposal records in the APS DB data file, as beamline staff would export them
 APS_DB = {
-    "runs": [{"name": "2026-1", "startTime": "2026-01-27T08:00:00-06:00",
-              "endTime": "2026-04-21T08:00:00-05:00"}],
     "esafs": [{
         "stationName": "APSDM", "beamlineName": "25-ID-C",
         "esafId": 271828, "sector": "25", "esafTitle": "XANES of test samples",
