@@ -16,16 +16,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import dmax
 import pytest
 from apsdb_sample import APS_DB
 from conftest import DmServer
+from dmax.processing import Workflow
 
 from apsdm.dm.config import read_setup_file
 
-dmax = pytest.importorskip("dmax")
-from dmax.processing import Workflow  # noqa: E402
-
-EXPERIMENT = "dmax-exp"
+EXPERIMENT, UNDATED = "dmax-exp", "dmax-undated"
 WORKFLOW = {
     "name": "dmax-wf",
     "description": "two stages, the second one slow enough to be seen running",
@@ -34,6 +33,8 @@ WORKFLOW = {
         "02-WAIT": {"command": "sleep 1.5; echo waited"},
     },
 }
+
+
 class Dmax:
     """A dmax client, sync or async, called alike; async calls share one event loop."""
 
@@ -64,6 +65,7 @@ def dmax_client(request: pytest.FixtureRequest, dm_server: DmServer,
         async with dm_server.client() as dm:
             await dm.add_experiment(EXPERIMENT, description="driven by dmax",
                                     start_date="2026-02-03", end_date="2026-02-06")
+            await dm.add_experiment(UNDATED)  # still served with both dates
             # real workflows name the account their jobs run as (dmax requires it)
             await dm.add_workflow({**WORKFLOW, "userAccount": dm.username})
 
@@ -81,6 +83,8 @@ def _experiment(call: Dmax) -> None:
     assert by_name.primary_storage.name and by_name.updated and by_name.end
     assert Path(by_name.data_path) == Path(by_name.storage_path) / "data"
     assert Path(by_name.data_path).is_dir()
+    undated = call("experiment", name=UNDATED)
+    assert undated.start == undated.end == undated.created
 
 
 def _daq(call: Dmax, tmp_path: Path) -> None:
