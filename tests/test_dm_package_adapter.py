@@ -85,3 +85,24 @@ def test_adapter_calls_vendor_api_with_dm_argument_order(
     assert ("WorkflowProcApi", "__init__", ("alice", "https://dm:1"), {}) in inits
     assert all("s3cret" not in repr(c) for c in calls_made)  # recorded without the password
     assert client.requests == 4
+
+
+def test_adapter_reaches_esafs_and_proposals_as_the_station_gui_does(
+        fake_dm: tuple[list[tuple], DmConfig]) -> None:
+    calls_made, config = fake_dm
+    client = DmPackageClient(config)
+
+    async def go() -> None:
+        await client.list_esafs("25-ID-C", "2026")
+        await client.get_esaf("0271828")
+        await client.list_proposals(run="2026-1")
+        await client.get_proposal("77777", "2026-1")
+
+    asyncio.run(go())
+    calls = [(c[0], c[1], c[2], c[3]) for c in calls_made if c[1] != "__init__"]
+    assert calls == [
+        ("EsafApsDbApi", "listStationEsafs", ("ST",), {"beamlineName": "25-ID-C", "year": "2026"}),
+        ("EsafApsDbApi", "getStationEsafById", ("ST", 271828), {}),
+        ("BssApsDbApi", "listStationProposals", ("ST",), {"runName": "2026-1"}),
+        ("BssApsDbApi", "getStationProposalById", ("ST", 77777), {"runName": "2026-1"}),
+    ]

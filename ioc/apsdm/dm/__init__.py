@@ -13,7 +13,7 @@ from .errors import (
     ObjectAlreadyExists,
     ObjectNotFound,
 )
-from .records import Daq, Experiment, Job, Upload, Workflow
+from .records import Daq, Esaf, Experiment, Job, Proposal, Upload, Workflow
 
 __all__ = [
     "AuthorizationError",
@@ -22,6 +22,7 @@ __all__ = [
     "DmClient",
     "DmConfig",
     "DmError",
+    "Esaf",
     "Experiment",
     "InvalidArgument",
     "InvalidObjectState",
@@ -30,6 +31,7 @@ __all__ = [
     "NoAnswer",
     "ObjectAlreadyExists",
     "ObjectNotFound",
+    "Proposal",
     "Upload",
     "Workflow",
 ]

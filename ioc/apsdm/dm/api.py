@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Any, Protocol, runtime_checkable
 
 from .config import DmConfig
-from .records import Daq, Experiment, Job, Upload, Workflow
+from .records import Daq, Esaf, Experiment, Job, Proposal, Upload, Workflow
 
 
 @runtime_checkable
 class DmApi(Protocol):
-    """Typed async access to DM's storage, DAQ, processing and catalog services."""
+    """Typed async access to DM's storage, DAQ, processing, catalog and APS DB services."""
 
     config: DmConfig
     requests: int  # DM calls made (health PVs, load benchmark)
@@ -67,3 +67,9 @@ class DmApi(Protocol):
     async def add_dataset(self, experiment: str, dataset_name: str,
                           **fields: Any) -> dict[str, Any]: ...
     async def get_experiment_file(self, experiment: str, path: str) -> dict[str, Any]: ...
+
+    # APS DB: the station's ESAFs and beamtime proposals (no beamline: all of the station's)
+    async def list_esafs(self, beamline: str = "", year: str = "") -> list[Esaf]: ...
+    async def get_esaf(self, esaf_id: str) -> Esaf: ...
+    async def list_proposals(self, beamline: str = "", run: str = "") -> list[Proposal]: ...
+    async def get_proposal(self, proposal_id: str, run: str = "") -> Proposal: ...

@@ -15,6 +15,7 @@ from typing import Any
 from .client import DmClient
 from .config import DmConfig
 from .errors import DmError
+from .records import Esaf, Proposal
 
 SHOWN = {
     "experiment": ("id", "name", "stationName", "description", "storageDirectory", "dataDirectory"),
@@ -22,11 +23,22 @@ SHOWN = {
             "nProcessedFiles", "nProcessingErrors", "percentageComplete"),
     "workflow": ("id", "name", "owner", "description"),
     "job": ("id", "owner", "status", "stage", "runTime", "errorMessage"),
+    # typed ESAF and proposal fields (DM's own keys differ between the two)
+    "esaf": ("id", "title", "status", "start", "end", "pi"),
+    "proposal": ("id", "title", "run", "start", "end", "pi"),
 }
 
 
 def _line(d: dict[str, Any], keys: Iterable[str]) -> str:
     return " ".join(f"{k}={d[k]}" for k in keys if k in d and d[k] not in (None, ""))
+
+
+def _record_line(record: Esaf | Proposal, kind: str, users: bool = False) -> str:
+    """An ESAF or proposal as ``key=value`` pairs of its typed fields (users if asked)."""
+    values = {k: getattr(record, k) for k in SHOWN[kind]}
+    if users:
+        values["users"] = "; ".join(record.users)
+    return _line(values, values)
 
 
 def _key_values(pairs: list[str]) -> dict[str, str]:
@@ -81,6 +93,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--id", required=True)
     s.add_argument("--all", action="store_true", help="print the whole job as JSON")
     sub.add_parser("list-processing-jobs", help="jobs of the DM user")
+    s = sub.add_parser("list-esafs", help="ESAFs of the station (APS DB service)")
+    s.add_argument("--beamline", default="", help="only this beamline, e.g. 25-ID-C")
+    s.add_argument("--year", default="", help="only ESAFs starting in this year")
+    s = sub.add_parser("get-esaf", help="one ESAF, with its users")
+    s.add_argument("--id", required=True)
+    s = sub.add_parser("list-proposals", help="beamtime proposals of the station")
+    s.add_argument("--beamline", default="", help="only this beamline, e.g. 25-ID-C")
+    s.add_argument("--run", default="", help="only this run, e.g. 2026-1")
+    s = sub.add_parser("get-proposal", help="one proposal, with its experimenters")
+    s.add_argument("--id", required=True)
+    s.add_argument("--run", default="", help="the run to look in")
     return ap
 
 
@@ -128,6 +151,15 @@ async def run(args: argparse.Namespace) -> list[str]:
         if c == "get-processing-job":
             j = await dm.get_processing_job(args.id)
             return [json.dumps(j.raw, indent=1)] if args.all else [_line(j.raw, SHOWN["job"])]
+        if c == "list-esafs":
+            return [_record_line(e, "esaf") for e in await dm.list_esafs(args.beamline, args.year)]
+        if c == "get-esaf":
+            return [_record_line(await dm.get_esaf(args.id), "esaf", users=True)]
+        if c == "list-proposals":
+            return [_record_line(p, "proposal")
+                    for p in await dm.list_proposals(args.beamline, args.run)]
+        if c == "get-proposal":
+            return [_record_line(await dm.get_proposal(args.id, args.run), "proposal", users=True)]
         return [_line(j.raw, SHOWN["job"]) for j in await dm.list_processing_jobs()]
 
 

@@ -22,7 +22,7 @@ from .errors import (
     NoAnswer,
     error_from_status,
 )
-from .records import Daq, Experiment, Job, Upload, Workflow
+from .records import Daq, Esaf, Experiment, Job, Proposal, Upload, Workflow
 from .routes import LOGIN_PATH, ROUTES, Service
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,29 @@ class DmClient(DmClientBase):
     async def get_experiment_file(self, experiment: str, path: str) -> dict[str, Any]:
         return await self.call("getExperimentFile", experimentName=experiment,
                                experimentFilePath=path)
+
+    # --- APS DB: ESAFs and proposals ------------------------------------------------------
+
+    async def list_esafs(self, beamline: str = "", year: str = "") -> list[Esaf]:
+        route = "listStationEsafs" if beamline else "listStationEsafsAllBeamlines"
+        items = await self.call(route, stationName=self.station, beamlineName=beamline,
+                                year=year or None)
+        return [Esaf.from_dict(d) for d in items]
+
+    async def get_esaf(self, esaf_id: str) -> Esaf:
+        return Esaf.from_dict(await self.call("getStationEsafById", stationName=self.station,
+                                              esafId=esaf_id))
+
+    async def list_proposals(self, beamline: str = "", run: str = "") -> list[Proposal]:
+        route = "listStationProposals" if beamline else "listStationProposalsAllBeamlines"
+        items = await self.call(route, stationName=self.station, beamlineName=beamline,
+                                runName=run or None)
+        return [Proposal.from_dict(d) for d in items]
+
+    async def get_proposal(self, proposal_id: str, run: str = "") -> Proposal:
+        d = await self.call("getStationProposalById", stationName=self.station,
+                            proposalId=proposal_id, runName=run or None)
+        return Proposal.from_dict(d)
 
 
 def _why(exc: httpx.HTTPError) -> str:

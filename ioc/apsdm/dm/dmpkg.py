@@ -14,7 +14,7 @@ from typing import Any
 from .base import DmClientBase
 from .config import DmConfig
 from .errors import ERRORS_BY_NAME, CommunicationError, DmError, NoAnswer
-from .records import Daq, Experiment, Job, Upload, Workflow
+from .records import Daq, Esaf, Experiment, Job, Proposal, Upload, Workflow, numeric_id
 from .routes import Service
 
 # our name -> (vendor module, vendor class, DM service whose URL it takes)
@@ -25,6 +25,8 @@ _APIS = {
     "proc": ("dm.proc_web_service.api.workflowProcApi", "WorkflowProcApi", Service.PROC),
     "dataset": ("dm.cat_web_service.api.datasetCatApi", "DatasetCatApi", Service.CAT),
     "file": ("dm.cat_web_service.api.fileCatApi", "FileCatApi", Service.CAT),
+    "esaf": ("dm.aps_db_web_service.api.esafApsDbApi", "EsafApsDbApi", Service.APS_DB),
+    "bss": ("dm.aps_db_web_service.api.bssApsDbApi", "BssApsDbApi", Service.APS_DB),
 }
 
 
@@ -34,6 +36,11 @@ def _dict(obj: Any) -> dict[str, Any]:
         return obj
     rep = getattr(obj, "getDictRep", None)
     return dict(rep() if rep else getattr(obj, "data", {}))
+
+
+def _given(**kwargs: str) -> dict[str, str]:
+    """The optional vendor arguments that were given (the vendor's defaults stand for others)."""
+    return {k: v for k, v in kwargs.items() if v}
 
 
 class DmPackageClient(DmClientBase):
@@ -161,3 +168,24 @@ class DmPackageClient(DmClientBase):
 
     async def get_experiment_file(self, experiment: str, path: str) -> dict[str, Any]:
         return _dict(await self._run("file", "getExperimentFile", experiment, path))
+
+    # the vendor's calls as the DM station GUI makes them (haven's dm_tools, DMagic)
+    async def list_esafs(self, beamline: str = "", year: str = "") -> list[Esaf]:
+        items = await self._run("esaf", "listStationEsafs", self.station,
+                                **_given(beamlineName=beamline, year=year))
+        return [Esaf.from_dict(_dict(e)) for e in items]
+
+    async def get_esaf(self, esaf_id: str) -> Esaf:
+        return Esaf.from_dict(_dict(await self._run("esaf", "getStationEsafById", self.station,
+                                                    numeric_id(esaf_id, "ESAF id"))))
+
+    async def list_proposals(self, beamline: str = "", run: str = "") -> list[Proposal]:
+        items = await self._run("bss", "listStationProposals", self.station,
+                                **_given(beamlineName=beamline, runName=run))
+        return [Proposal.from_dict(_dict(p)) for p in items]
+
+    async def get_proposal(self, proposal_id: str, run: str = "") -> Proposal:
+        d = await self._run("bss", "getStationProposalById", self.station,
+                            numeric_id(proposal_id, "proposal id"),
+                            **_given(runName=run))
+        return Proposal.from_dict(_dict(d))

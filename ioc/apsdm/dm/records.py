@@ -1,6 +1,6 @@
 """Typed views of DM's objects. Each keeps the whole dict DM sent in ``raw``.
 
-Field names follow DM's JSON (dm-protocol.md sections 1.3, 1.6, 4.2).
+Field names follow DM's JSON (dm-protocol.md sections 1.3, 1.5, 1.6, 4.2).
 """
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import InvalidArgument
 from .status import ACTIVE_STATUSES, TERMINAL_STATUSES
 
 # top-level fields of a processing job: argsDict keys (merged into the job) may not use them
@@ -36,8 +37,14 @@ class Experiment:
     station: str = ""
     type: str = ""
     start_date: str = ""
+    end_date: str = ""
+    update_date: str = ""
     data_directory: str = ""
+    analysis_directory: str = ""
     storage_directory: str = ""
+    storage_url: str = ""
+    root_path: str = ""
+    primary_storage: str = ""
     users: tuple[str, ...] = ()
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -51,8 +58,14 @@ class Experiment:
             station=str(station or ""),
             type=str((d.get("experimentType") or {}).get("name", "")),
             start_date=str(d.get("startDate") or ""),
+            end_date=str(d.get("endDate") or ""),
+            update_date=str(d.get("updateDate") or ""),
             data_directory=str(d.get("dataDirectory") or ""),
+            analysis_directory=str(d.get("analysisDirectory") or ""),
             storage_directory=str(d.get("storageDirectory") or ""),
+            storage_url=str(d.get("storageUrl") or ""),
+            root_path=str(d.get("rootPath") or ""),
+            primary_storage=str((d.get("primaryStorage") or {}).get("name", "")),
             users=tuple(d.get("experimentUsernameList") or ()),
             raw=d,
         )
@@ -74,6 +87,9 @@ class _Transfer:
     percent: float = 0.0
     error_message: str = ""
     start_time: float = 0.0
+    storage_directory: str = ""  # where files go: the experiment's data directory
+    storage_url: str = ""  # the experiment's root
+    workflow_job_owner: str = ""  # owner of the per-file processing jobs
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -91,6 +107,9 @@ class _Transfer:
             percent=_num(d, "percentageComplete"),
             error_message=str(d.get("errorMessage") or ""),
             start_time=_num(d, "startTime"),
+            storage_directory=str(d.get("storageDirectory") or ""),
+            storage_url=str(d.get("storageUrl") or ""),
+            workflow_job_owner=str(d.get("workflowJobOwner") or ""),
             raw=d,
         )
 
@@ -194,3 +213,73 @@ class Workflow:
             stages=dict(d.get("stages") or {}),
             raw=d,
         )
+
+
+def numeric_id(value: str, what: str) -> int:
+    """An ESAF or proposal id: digits, leading zeros allowed (``0158394``)."""
+    if not value.isdigit():
+        raise InvalidArgument(f"{what} {value!r} is not a number")
+    return int(value)
+
+
+def _person(user: dict[str, Any]) -> str:
+    """``First Last (badge)`` of an ESAF user or a proposal experimenter."""
+    name = f"{user.get('firstName') or ''} {user.get('lastName') or ''}".strip()
+    return f"{name} ({user['badge']})" if user.get("badge") else name
+
+
+def _is_pi(user: dict[str, Any]) -> bool:
+    """DM's piFlag: "Yes"/"No" on ESAFs, "Y"/"N" (or a bool) on proposals."""
+    flag = user.get("piFlag")
+    return flag is True or str(flag).strip().lower() in ("y", "yes", "true", "1")
+
+
+def _people(users: Any) -> dict[str, Any]:
+    """The ``pi`` and ``users`` fields from DM's list of ESAF users or proposal experimenters."""
+    people = [u for u in users or () if isinstance(u, dict)]
+    return {"pi": next((_person(u) for u in people if _is_pi(u)), ""),
+            "users": tuple(_person(u) for u in people)}
+
+
+@dataclass(frozen=True)
+class _Beamtime:
+    """Fields shared by ESAFs and proposals (both from DM's APS DB service)."""
+
+    id: str
+    title: str
+    start: str = ""
+    end: str = ""
+    pi: str = ""  # "First Last (badge)"
+    users: tuple[str, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Esaf(_Beamtime):
+    """An Experiment Safety Approval Form; start and end like ``2026-02-03 08:00:00``."""
+
+    description: str = ""
+    sector: str = ""
+    status: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Esaf:
+        return cls(id=str(d.get("esafId", "")), title=str(d.get("esafTitle") or ""),
+                   start=str(d.get("experimentStartDate") or ""),
+                   end=str(d.get("experimentEndDate") or ""),
+                   description=str(d.get("description") or ""), sector=str(d.get("sector") or ""),
+                   status=str(d.get("esafStatus") or ""), raw=d,
+                   **_people(d.get("experimentUsers")))
+
+
+@dataclass(frozen=True)
+class Proposal(_Beamtime):
+    """A beamtime proposal of the scheduling system; start and end in ISO 8601."""
+
+    run: str = ""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Proposal:
+        return cls(id=str(d.get("id", "")), title=str(d.get("title") or ""),
+                   start=str(d.get("startTime") or ""), end=str(d.get("endTime") or ""),
+                   run=str(d.get("runName") or ""), raw=d, **_people(d.get("experimenters")))

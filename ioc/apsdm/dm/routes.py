@@ -2,7 +2,9 @@
 
 This is the one place to correct a route. ``verified=False`` marks a guess: the DAQ
 service's stop/upload/list/get routes and the catalog routes were never seen in a capture
-(dm-protocol.md section 2.4), so they follow the style of the verified ones.
+(dm-protocol.md section 2.4), so they follow the style of the verified ones. The verified
+DS, PROC and startDaq routes are in real captures (dmax's tests); the APS DB ones in dmax's
+source. tests/test_dmax.py drives every route dmax knows with dmax itself.
 
 Templates: ``{x}`` is a plain segment, ``{x:e}`` a DM-encoded free-text segment.
 Query parameters keep their order; kind ``e`` is encoded text, ``j`` encoded JSON,
@@ -27,6 +29,7 @@ class Service(StrEnum):
     DAQ = "daq"
     PROC = "proc"
     CAT = "cat"
+    APS_DB = "apsdb"
 
 
 _FIELD = re.compile(r"\{(\w+)(?::(e))?\}")
@@ -115,7 +118,7 @@ def _r(name: str, method: str, service: Service, template: str, *query: str,
     return Route(name, method, service, template, pairs, verified)  # type: ignore[arg-type]
 
 
-DS, DAQ, PROC, CAT = Service.DS, Service.DAQ, Service.PROC, Service.CAT
+DS, DAQ, PROC, CAT, APS_DB = Service.DS, Service.DAQ, Service.PROC, Service.CAT, Service.APS_DB
 
 ROUTES: dict[str, Route] = {
     r.name: r
@@ -159,6 +162,20 @@ ROUTES: dict[str, Route] = {
            "datasetInfo:j", verified=False),
         _r("getExperimentFile", "GET", CAT, "/dm/filesByExperiment/{experimentName:e}/{experimentFilePath:e}",
            verified=False),
+        # APS DB service: the with-beamline routes are verified by dmax 0.0.10's
+        # scheduling.py (written against the real service; station and beamline encoded).
+        # The station-only forms are what dmax sends for no beamline (it drops "/b''").
+        _r("listStationEsafs", "GET", APS_DB,
+           "/dm/esaf/stationEsafs/{stationName:e}/{beamlineName:e}", "year:p"),
+        _r("listStationEsafsAllBeamlines", "GET", APS_DB, "/dm/esaf/stationEsafs/{stationName:e}",
+           "year:p", verified=False),
+        _r("getStationEsafById", "GET", APS_DB, "/dm/esaf/stationEsafsById/{stationName:e}/{esafId}"),
+        _r("listStationProposals", "GET", APS_DB,
+           "/dm/bss/stationProposals/{stationName:e}/{beamlineName:e}", "runName:p"),
+        _r("listStationProposalsAllBeamlines", "GET", APS_DB,
+           "/dm/bss/stationProposals/{stationName:e}", "runName:p", verified=False),
+        _r("getStationProposalById", "GET", APS_DB,
+           "/dm/bss/stationProposalsById/{stationName:e}/{proposalId}", "runName:p"),
     )
 }
 

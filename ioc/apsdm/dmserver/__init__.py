@@ -23,6 +23,8 @@ from apsdm.dm.config import Credentials
 from apsdm.dm.errors import ConfigurationError, InvalidArgument
 from apsdm.dm.routes import Service
 
+from .apsdb import DATA_FILE as APS_DB_FILE
+from .apsdb import ApsDb
 from .catalog import Catalog
 from .common import check_name
 from .daq import DaqService, UploadService
@@ -102,7 +104,7 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
     credentials = _ensure_login_file(login_file)
     store = Store(data_root / "dm.sqlite")
     hub = WatchHub()
-    experiments = Experiments(store, data_root / "storage", station)
+    experiments = Experiments(store, data_root / "storage", station, credentials.username)
     catalog = Catalog(store, experiments.find)
     daqs = DaqService(store, experiments.find, catalog.add_file, hub)
     uploads = UploadService(store, experiments.find, catalog.add_file)
@@ -113,7 +115,8 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
         store.close()
 
     closers = [daqs.shutdown, uploads.shutdown, processing.shutdown, close_rest]
-    runner = app_runner(credentials, [experiments, daqs, uploads, processing, catalog])
+    aps_db = ApsDb(data_root / APS_DB_FILE)
+    runner = app_runner(credentials, [experiments, daqs, uploads, processing, catalog, aps_db])
     try:
         processing.recover()
         daqs.recover()

@@ -14,6 +14,7 @@ from apsdm.dm.paths import relative_path
 
 from .common import FindExperiment, existing_directory, flag, local_directory
 from .daqrunner import DaqRunner
+from .filters import file_filter
 from .store import Doc, Store
 from .transfer import CatalogFile, Transfer, TransferService
 from .uploadrunner import run_upload
@@ -63,6 +64,7 @@ class DaqService(TransferService):
             return running.transfer.doc
         options = dict(taskInfo or {})
         flag(options, "processExistingFiles", True)  # refuse a bad value now, not in the DAQ
+        file_filter(options)
         doc = self._new_doc(experiment, source, options)
         transfer = self._transfer(doc)
         self._launch(transfer)
@@ -104,6 +106,7 @@ class UploadService(TransferService):
         if options["processingMode"] not in MODES:
             raise InvalidArgument(f"processingMode must be one of {', '.join(MODES)}")
         flag(options, "reprocessFiles", False)  # refuse a bad value now, not in the upload
+        file_filter(options)
         if options.get("experimentFilePath") is not None:
             one = relative_path(options["experimentFilePath"], "experimentFilePath")
             if not (source / one).is_file():

@@ -88,6 +88,7 @@ class DaqRunner:
         if rescan:
             found = await asyncio.to_thread(list_files, self.transfer.source,
                                             self.transfer.hidden, self._handled)
+            found = {rel: seen for rel, seen in found.items() if self.transfer.wanted(rel)}
             checked = found.keys() | self._waiting.keys()
         else:
             checked = dirty | self._waiting.keys()

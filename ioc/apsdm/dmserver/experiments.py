@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
+import grp
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -14,15 +17,50 @@ from .store import Doc, Store
 log = logging.getLogger(__name__)
 
 DEFAULT_TYPE = "TEST"
+#: the one storage of the embedded service (real DM names e.g. SOJOURNER, id 5)
+PRIMARY_STORAGE = {"id": 1, "name": "LOCAL", "description": "local storage of the embedded DM"}
+#: date forms accepted for startDate/endDate: ISO, and DMagic's ``%d-%b-%y``
+_DATE_FORMATS = ("%d-%b-%y", "%d-%b-%Y")
+
+
+def _dm_date(value: str | None, what: str) -> str | None:
+    """A client's date as DM serves dates (``2026-02-13 00:00:00-06:00``, local time)."""
+    if value is None or value == "":
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        for fmt in _DATE_FORMATS:
+            try:
+                parsed = datetime.strptime(value, fmt)
+                break
+            except ValueError:
+                continue
+        else:
+            raise InvalidArgument(
+                f"{what} {value!r} is not a date (use YYYY-MM-DD[ HH:MM:SS] or DD-Mon-YY)"
+            ) from None
+    return str(parsed.astimezone())
+
+
+def _group_name() -> str:
+    """The group that owns what the service stores (its auth group, in DM's terms)."""
+    try:
+        return grp.getgrgid(os.getgid()).gr_name
+    except KeyError:
+        return str(os.getgid())
 
 
 class Experiments:
     """Experiments, their storage directories under the data root, and user roles."""
 
-    def __init__(self, store: Store, storage_root: Path, station: str) -> None:
+    def __init__(self, store: Store, storage_root: Path, station: str, account: str) -> None:
         self._store = store
         self._storage_root = storage_root
         self.station = station
+        self._account = account  # the DM login: beamline user account, owner of DAQ jobs
+        self._admin = getpass.getuser()  # the system account that owns the storage
+        self._group = _group_name()
 
     def _storage(self, doc: Doc) -> Path:
         return self._storage_root / doc["stationName"] / doc["name"]
@@ -39,11 +77,18 @@ class Experiments:
             "experimentType": {"id": doc["experimentTypeId"], "name": doc["typeName"],
                                "description": ""},
             "experimentTypeId": doc["experimentTypeId"],
-            "startDate": doc["startDate"],
-            "endDate": doc["endDate"],
+            "primaryStorage": dict(PRIMARY_STORAGE),
+            "primaryStorageId": PRIMARY_STORAGE["id"],
+            # clients (dmax) require both dates: an experiment made without them starts
+            # when it was created and ends when it starts, until someone sets them
+            "startDate": doc["startDate"] or doc["createDate"],
+            "endDate": doc["endDate"] or doc["startDate"] or doc["createDate"],
             "createDate": doc["createDate"],
-            "rootPath": doc["rootPath"],
+            "updateDate": doc.get("updateDate") or doc["createDate"],
+            "authGroupName": self._group,
         }
+        if doc["rootPath"]:
+            record["rootPath"] = doc["rootPath"]
         if full:
             storage = self._storage(doc)
             record.update(
@@ -52,6 +97,12 @@ class Experiments:
                 storageDirectory=str(storage),
                 dataDirectory=str(storage / "data"),
                 analysisDirectory=str(storage / "analysis"),
+                systemDirectory=str(storage / "system"),
+                dataDirectoryFrozen=False,
+                analysisDirectoryFrozen=False,
+                managedDirectoryStructure=True,
+                beamlineAdminAccount=self._admin,
+                beamlineUserAccount=self._account,
                 storageHost="localhost",
                 storageUrl=storage.as_uri(),
             )
@@ -105,12 +156,13 @@ class Experiments:
             "typeName": type_name,
             "experimentTypeId": self._store.name_id("type", type_name),
             "rootPath": rootPath or "",
-            "startDate": startDate,
-            "endDate": endDate,
+            "startDate": _dm_date(startDate, "startDate"),
+            "endDate": _dm_date(endDate, "endDate"),
             "createDate": str(datetime.now().astimezone()),
         }
+        doc["updateDate"] = doc["createDate"]
         storage = self._storage(doc)
-        for sub in ("data", "analysis"):
+        for sub in ("data", "analysis", "system"):
             (storage / sub).mkdir(parents=True, exist_ok=True)
         record = self._record(self._store.add_experiment(doc), doc)
         log.info("experiment %s added at station %s: %s", name, station,

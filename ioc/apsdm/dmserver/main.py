@@ -26,8 +26,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-root", type=Path, required=True, metavar="DIR",
         help="directory of all state: dm.sqlite, dm.login (created on first start, mode 0600), "
-             "dm.setup.sh (rewritten at every start), storage/<STATION>/<experiment>/ and "
-             "jobs/<id>/ (job working directories)")
+             "dm.setup.sh (rewritten at every start), storage/<STATION>/<experiment>/, "
+             "jobs/<id>/ (job working directories) and apsdb.json (ESAFs and proposals, "
+             "written by beamline staff; see apsdm.dmserver.apsdb)")
     parser.add_argument("--port", type=int, default=0, metavar="N",
                         help="TCP port to listen on; 0 (default) picks a free one")
     parser.add_argument("--host", default="127.0.0.1",

@@ -31,6 +31,7 @@ from .copying import (
     remove_leftovers,
     size_md5,
 )
+from .filters import file_filter
 from .store import Doc, Store, ThrottledSaver
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Transfer:
         self.source = Path(doc["dataDirectory"])
         self.target = target
         self.hidden = flag(doc, "processHiddenFiles", False)
+        self.wanted = file_filter(doc)  # whether a file (relative path) is taken
         self.abort = threading.Event()  # stops copies in their worker threads
         self.stop_requested = False
         self._save = save
@@ -79,10 +81,6 @@ class Transfer:
     @property
     def id(self) -> str:
         return str(self.doc["id"])
-
-    def wanted(self, rel: str) -> bool:
-        """Whether a file (relative path) belongs to this transfer (dot-files only if asked)."""
-        return self.hidden or not any(p.startswith(".") for p in PurePosixPath(rel).parts)
 
     def set_state(self, rel: str, state: str, error: str = "") -> None:
         old = self._states.get(rel)
@@ -209,7 +207,8 @@ class TransferService:
             "startTimestamp": dm_timestamp(now),
             "storageDirectory": experiment["dataDirectory"],
             "storageHost": experiment["storageHost"],
-            "storageUrl": Path(experiment["dataDirectory"]).as_uri(),
+            "storageUrl": experiment["storageUrl"],  # the experiment root, as DM has it
+            "workflowJobOwner": options.get("workflowOwner") or experiment["beamlineUserAccount"],
         }
 
     def _transfer(self, doc: Doc) -> Transfer:

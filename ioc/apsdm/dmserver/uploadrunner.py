@@ -51,7 +51,7 @@ def _files(transfer: Transfer) -> list[str]:
     """The files to upload: the whole tree, or only ``experimentFilePath``."""
     one = transfer.doc.get("experimentFilePath")
     if one is None:
-        return list(list_files(transfer.source, transfer.hidden))
+        return [rel for rel in list_files(transfer.source, transfer.hidden) if transfer.wanted(rel)]
     rel = str(relative_path(one, "experimentFilePath"))
     if not (transfer.source / rel).is_file():
         raise TransferFailed(f"{transfer.source / rel} no longer exists")

@@ -174,6 +174,10 @@ class JobRunner:
                 "workingDir": cwd,
                 "status": "pending",
                 "submitTime": time.time(),
+                # DM's clients require these of every child; set for real when it ends
+                "exitStatus": 0,
+                "stdOut": "",
+                "stdErr": "",
             }
             if user := self.job["workflow"].get("userAccount"):
                 child["userAccount"] = user
