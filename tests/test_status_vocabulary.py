@@ -10,12 +10,13 @@ from apsdm.dm import status
 from apsdm.dm.records import Job, Upload
 from apsdm.gateway.schema import STREAM_STATES
 from apsdm_ophyd import plans, pva
+from apsdm_ophyd.stubs import workflow as workflow_stubs
 
 OPHYD = Path(plans.__file__).parent
 
 
 def test_plans_end_a_job_when_dm_does() -> None:
-    assert plans.JOB_END_STATES == status.JOB_END_STATUSES
+    assert workflow_stubs.JOB_END_STATES == status.JOB_END_STATUSES
     assert status.JOB_END_STATUSES <= status.TERMINAL_STATUSES
 
 
