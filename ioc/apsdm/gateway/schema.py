@@ -39,6 +39,8 @@ class Field:
     egu: str = ""
     autosave: bool = False
     columns: tuple[tuple[str, str], ...] = ()  # TABLE: (name, p4p type code)
+    low: float = 0.0  # LONG, DOUBLE: display limits (LOPR, HOPR); equal: none
+    high: float = 0.0
 
     @property
     def pva_only(self) -> bool:
@@ -104,7 +106,7 @@ DAQ = (
     _f("Stop", B, "Stop the DAQ", writable=True, enums=("Done", "Stop")),
     *_TRANSFER_COUNTS,
     _f("NWaiting_RBV", L, "Files waiting"),
-    _f("Percent_RBV", D, "Percent complete", egu="%"),
+    _f("Percent_RBV", D, "Percent complete", egu="%", high=100.0),
     _f("Active_RBV", E, "DAQ is running", enums=NO_YES),
     _f("Message_RBV", LS, "Last message"),
 )
@@ -116,7 +118,7 @@ UPLOAD = (
        enums=("File", "Directory")),
     _f("Start", B, "Upload; done when it ends", writable=True, enums=("Done", "Start")),
     *_TRANSFER_COUNTS,
-    _f("Percent_RBV", D, "Percent complete", egu="%"),
+    _f("Percent_RBV", D, "Percent complete", egu="%", high=100.0),
     _f("Message_RBV", LS, "Last message"),
 )
 
