@@ -119,3 +119,19 @@ def test_busy_refusal_is_state_minor_on_the_message_not_write_major(ioc: Ioc) ->
     first.join(60)
     start.clear_callbacks()
     assert set(severities) == {0}, severities
+
+
+def test_long_string_read_at_its_used_length(ioc: Ioc) -> None:
+    """A char waveform asked for count 0 (get and monitor) comes at NORD, not NELM (4096)."""
+    url = ioc.pv("Status:DmUrl_RBV")
+    out = libca(ioc, f"""
+import time
+c = chan({url!r})
+out['nord'] = ca.get(chan({url!r} + '.NORD'), timeout=5)
+out['get'] = len(ca.get(c, count=0, timeout=5))
+out['monitor'] = []
+keep = ca.create_subscription(c, count=0, callback=lambda value, **kw: out['monitor'].append(len(value)))
+time.sleep(0.5)
+ca.poll()
+""")
+    assert out["nord"] == len(ioc.dm_url) == out["get"] == out["monitor"][0], out
