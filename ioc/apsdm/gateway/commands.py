@@ -139,13 +139,13 @@ class Commands:
                 self.hub.handle(pv.name, self.stream_write)
             else:
                 self.hub.handle(pv.name, self.setting)
-        self.hub.on_command.append(self._record_writer)
+        self.hub.on_write.append(self._record_writer)
 
     def _key(self, pv: PV) -> str:
         return pv.name[len(self.p):]
 
     async def _record_writer(self, pv: PV, writer: Writer) -> None:
-        """Status:LastWriter_RBV: who started which command, and when."""
+        """Status:LastWriter_RBV: who wrote which PV (set a setting, started a command), and when."""
         await self.hub.post(f"{self.p}Status:LastWriter_RBV",
                             f"{writer} {self._key(pv)} {time.strftime('%H:%M:%S')}")
 

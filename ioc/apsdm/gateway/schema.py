@@ -156,7 +156,7 @@ STATUS = (
     _f("Message_RBV", LS, "Gateway health"),
     _f("Heartbeat_RBV", L, "Counts up every second"),
     _f("Version_RBV", S, "Gateway version"),
-    _f("LastWriter_RBV", LS, "Who wrote a command last"),
+    _f("LastWriter_RBV", LS, "Who wrote last, what, when"),
     _f("DmUrl_RBV", LS, "DM service URL"),
     _f("DmRequests_RBV", L, "DM requests made"),
     _f("PollPeriod_RBV", D, "DM poll period", egu="s"),
