@@ -232,3 +232,32 @@ def ioc(tmp_path: Path) -> Iterator[Ioc]:
 def dm(ioc: Ioc) -> Any:
     """An async DM client for the IOC's embedded DM service (for test set-up)."""
     return ioc.dm_client()
+
+
+# --- the bluesky side (tests/test_plan*.py) -----------------------------------------
+
+
+@pytest.fixture
+def gateway(ioc: Ioc) -> Any:
+    """The whole gateway as one ophyd device, connected."""
+    from apsdm_ophyd import DMGateway
+
+    gw = DMGateway(ioc.prefix, name="dm")
+    gw.wait_for_connection(timeout=30)
+    return gw
+
+
+@pytest.fixture
+def RE() -> Any:
+    """A RunEngine that hands back the plan's return value."""
+    from bluesky import RunEngine
+
+    return RunEngine({}, call_returns_result=True)
+
+
+@pytest.fixture
+def ctx(ioc: Ioc) -> Iterator[Any]:
+    """A p4p client context for this test's IOC."""
+    context = ioc.pva_context()
+    yield context
+    context.close()

@@ -646,11 +646,14 @@ class FakeDm:
     list_daqs = list_uploads = list_experiments = list_workflows = _nothing
 
 
-def test_poll_lists_only_unfinished_and_new_jobs() -> None:
+def test_poll_lists_only_unfinished_and_new_jobs(tmp_path: Path) -> None:
     """A long job history neither hides new jobs (DM cuts lists at 5000) nor grows a poll."""
     from apsdm.gateway.hub import Hub
+    from apsdm.gateway.persist import Persistence
     from apsdm.gateway.poller import JOBS_SHOWN, Poller
+    from apsdm.gateway.publisher import Publisher
     from apsdm.gateway.schema import Layout, build
+    from apsdm.gateway.state import DmState
 
     async def scenario() -> None:
         layout = Layout("T:")
@@ -658,10 +661,14 @@ def test_poll_lists_only_unfinished_and_new_jobs() -> None:
         slot_job = dm.add(1, "done")[0]["id"]
         dm.add(5999, "done")
         running = dm.add(2, "running")
-        poller = Poller(Hub(build(layout)), dm, layout, {"WF1": slot_job}, 1.0)  # type: ignore[arg-type]
+        hub = Hub(build(layout))
+        persist = Persistence(tmp_path / "state.json")
+        persist.ids["WF1"] = slot_job
+        state = DmState(persist, Publisher(hub))
+        poller = Poller(dm, state, 1.0)  # type: ignore[arg-type]
         for _ in range(2):  # the first poll reads the oldest 5000, the next one the rest
             await poller.poll_once()
-        assert {j["id"] for j in running} <= poller.snapshot.jobs.keys()
+        assert {j["id"] for j in running} <= state.snapshot.jobs.keys()
         for job in running:
             job["status"] = "done"
         new = dm.add(3, "running")
@@ -669,14 +676,14 @@ def test_poll_lists_only_unfinished_and_new_jobs() -> None:
         for _ in range(3):
             await poller.poll_once()
         assert max(dm.answers) <= 6, dm.answers  # the anchor, what ran and what is new
-        jobs = poller.snapshot.jobs
+        jobs = state.snapshot.jobs
         assert {j["id"] for j in new} <= jobs.keys() and jobs[new[0]["id"]].status == "running"
         assert slot_job in jobs and len(jobs) <= JOBS_SHOWN + len(new) + 1
-        table = poller.hub[layout.prefix + "Jobs"]
+        table = hub[layout.prefix + "Jobs"]
         assert [row["id"] for row in table[:3]] == [j["id"] for j in reversed(new)]
         del dm.jobs[:10]  # DM's list changed under the poller: it reads it all again
         await poller.poll_once()
-        assert dm.answers[-1] == 5000 and slot_job not in poller.snapshot.jobs
+        assert dm.answers[-1] == 5000 and slot_job not in state.snapshot.jobs
 
     asyncio.run(scenario())
 

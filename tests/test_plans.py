@@ -7,94 +7,31 @@ child processes of the embedded DM service (the demo workflows of apsdm_ophyd).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from bluesky import RunEngine
-from ophyd.sim import SynSignalWithRegistry
+from plan_helpers import FAST, add_to_dm, demo, failing_workflow, file_detector, run
 
-from apsdm_ophyd import DMGateway, GatewayError, WorkflowFailed, pva, workflows
-from apsdm_ophyd.plans import (
+from apsdm_ophyd import (
+    DMGateway,
+    GatewayError,
     RunReport,
     UserSetup,
+    WorkflowFailed,
     file_collection_plan,
+    pva,
     setup_user,
     streaming_collection_plan,
 )
 
 pytestmark = pytest.mark.timeout(180)
-
-FAST = {"reporting_period": 0.5, "poll_period": 0.1}
-
-
-def file_detector(directory: Path) -> SynSignalWithRegistry:
-    """ophyd's simulated detector that saves each triggered 8x8 image as a .npy file."""
-    return SynSignalWithRegistry(func=lambda: np.random.default_rng().random((8, 8)),
-                                 name="image", save_path=str(directory))
-
-
-def add_to_dm(dm: Any, experiment: str, *definitions: dict[str, Any]) -> Any:
-    """Create an experiment and workflows in the embedded DM; returns the experiment."""
-
-    async def go() -> Any:
-        async with dm:
-            await dm.add_experiment(experiment)
-            for definition in definitions:
-                await dm.upsert_workflow(definition)
-            return await dm.get_experiment(experiment)
-
-    return asyncio.run(go())
-
-
-def demo(name: str) -> dict[str, Any]:
-    """A demo workflow definition shipped with apsdm_ophyd."""
-    return json.loads(workflows.path(name).read_text())
-
-
-def failing_workflow() -> dict[str, Any]:
-    """A workflow whose second stage fails with a message on stderr."""
-    return {"name": "always-fails", "stages": {
-        "01-OK": {"command": "echo fine"},
-        "02-FAIL": {"command": "echo 'no such calibration' >&2; exit 3"},
-    }}
-
-
-@pytest.fixture
-def gateway(ioc: Any) -> DMGateway:
-    """The whole gateway as one ophyd device, connected."""
-    gw = DMGateway(ioc.prefix, name="dm")
-    gw.wait_for_connection(timeout=30)
-    return gw
-
-
-@pytest.fixture
-def RE() -> RunEngine:
-    """A RunEngine that hands back the plan's return value."""
-    return RunEngine({}, call_returns_result=True)
-
-
-@pytest.fixture
-def ctx(ioc: Any) -> Iterator[Any]:
-    """A p4p client context for this test's IOC."""
-    context = ioc.pva_context()
-    yield context
-    context.close()
-
-
-def run(RE: RunEngine, plan: Any) -> Any:
-    """Run a plan that must succeed; returns its return value."""
-    result = RE(plan)
-    assert result.exit_status == "success"
-    return result.plan_result
 
 
 def test_setup_user_then_file_plan_ends_with_done_job_that_saw_the_files(

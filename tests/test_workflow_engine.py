@@ -15,15 +15,10 @@ import psutil
 import pytest
 
 from apsdm.dm.errors import InvalidArgument
-from apsdm.dmserver.workflow import (
-    INVALID_FILE_SPEC,
-    OUTPUT_CAP,
-    JobRunner,
-    evaluate_condition,
-    interrupted,
-    new_job,
-    validate_workflow,
-)
+from apsdm.dmserver.workflow.conditions import evaluate_condition
+from apsdm.dmserver.workflow.jobs import interrupted, new_job
+from apsdm.dmserver.workflow.runner import INVALID_FILE_SPEC, OUTPUT_CAP, JobRunner
+from apsdm.dmserver.workflow.spec import validate_workflow
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -52,7 +52,7 @@ class _Concise(Device):
 class DMExperiment(_Concise):
     """``Experiment:`` — select the DM experiment by name and see its fields."""
 
-    experiment_name = _setting("Name", readback="Name_RBV")
+    experiment_name = _setting("Name", readback="Name_RBV", kind=Kind.normal)  # read() says which
     experiment_id = _readback("Id_RBV", Kind.config)
     description = _readback("Description_RBV", Kind.config, text=True)
     station = _readback("Station_RBV", Kind.config, text=True)

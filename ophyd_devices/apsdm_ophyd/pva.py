@@ -2,14 +2,19 @@
 
 Both the bluesky plans and the demo streaming workflow use these, so the two sides of
 ``Stream:Bluesky`` / ``Stream:Workflow`` agree on the structure by construction.
+:class:`PvaChannels` is the plans' one adapter: ophyd Signals over those PVs, so plans
+read and write them with ``bps.rd`` / ``bps.abs_set`` messages, never p4p calls of their own.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
+from ophyd import Kind, Signal
+from ophyd.status import Status
 from p4p.client.thread import Context
 
 STATES = ("idle", "ready", "acquiring", "done", "error")
@@ -74,3 +79,79 @@ def read_table(ctx: Context, pvname: str, timeout: float = 5.0) -> list[dict[str
     columns = [() if column is None else column for _, column in value["value"].items()]
     return [dict(zip(names, row, strict=True)) for row in zip(*columns, strict=True)]
 
+
+
+@cache
+def default_context() -> Context:
+    """One p4p client context per process, configured by the ``EPICS_PVA_*`` environment."""
+    return Context("pva")
+
+
+class _PvaSignal(Signal):
+    """An ophyd Signal over one PVA PV, read (and written) when the RunEngine asks."""
+
+    def __init__(self, pvname: str, *, name: str, context: Context | None = None,
+                 timeout: float = 5.0) -> None:
+        super().__init__(name=name, kind=Kind.omitted)
+        self.pvname, self._context, self._timeout = pvname, context, timeout
+
+    @property
+    def context(self) -> Context:
+        """The context given, or the process-wide one."""
+        return self._context or default_context()
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        return {self.name: {"source": f"PVA:{self.pvname}", "dtype": "string", "shape": []}}
+
+
+class TableSignal(_PvaSignal):
+    """A read-only NTTable PV (``Workflows``, ``WFn:Stages``); its value is a list of row dicts."""
+
+    def get(self, **kwargs: Any) -> list[dict[str, Any]]:
+        self._readback = read_table(self.context, self.pvname, self._timeout)
+        return self._readback
+
+
+class StreamSignal(_PvaSignal):
+    """One side of the streaming handshake; reads a StreamState, ``set`` posts one."""
+
+    def get(self, **kwargs: Any) -> StreamState:
+        self._readback = read(self.context, self.pvname, self._timeout)
+        return self._readback
+
+    def set(self, value: StreamState, **kwargs: Any) -> Status:
+        """Post ``value`` (stamped now); the returned Status is already finished."""
+        post(self.context, self.pvname, value.state, value.message, value.counter)
+        status = Status()
+        status.set_finished()
+        return status
+
+
+@dataclass(frozen=True)
+class PvaChannels:
+    """The gateway's PVA-only PVs the plans use, as ophyd Signals sharing one context."""
+
+    prefix: str
+    context: Context | None = None
+
+    @property
+    def workflows(self) -> TableSignal:
+        """``Workflows``: name, owner, stage count and description of every DM workflow."""
+        return TableSignal(f"{self.prefix}Workflows", name="dm_workflows", context=self.context)
+
+    @property
+    def bluesky(self) -> StreamSignal:
+        """``Stream:Bluesky``, the side bluesky writes."""
+        return StreamSignal(f"{self.prefix}Stream:Bluesky", name="dm_stream_bluesky",
+                            context=self.context)
+
+    @property
+    def workflow(self) -> StreamSignal:
+        """``Stream:Workflow``, the side the workflow writes."""
+        return StreamSignal(f"{self.prefix}Stream:Workflow", name="dm_stream_workflow",
+                            context=self.context)
+
+    def stages(self, slot: int) -> TableSignal:
+        """``WFn:Stages``: one row per stage and child process of the slot's job."""
+        return TableSignal(f"{self.prefix}WF{slot}:Stages", name=f"dm_wf{slot}_stages",
+                           context=self.context)

@@ -14,12 +14,12 @@ from typing import Any
 
 import httpx
 
-from .config import Credentials, DmConfig
+from .base import DmClientBase
+from .config import DmConfig
 from .errors import (
     AuthenticationError,
     CommunicationError,
     NoAnswer,
-    ObjectAlreadyExists,
     error_from_status,
 )
 from .records import Daq, Experiment, Job, Upload, Workflow
@@ -43,31 +43,12 @@ class _Session:
         self.lock = asyncio.Lock()
 
 
-class DmClient:
-    """Typed async access to the DM services named in a :class:`DmConfig`."""
+class DmClient(DmClientBase):
+    """DmApi over DM's REST protocol: one HTTP session per DM service named in the config."""
 
     def __init__(self, config: DmConfig) -> None:
-        self.config = config
-        self._credentials: Credentials | None = None
+        super().__init__(config)
         self._sessions: dict[str, _Session] = {}
-        self.requests = 0  # DM calls made, for health PVs and the load benchmark
-
-    def __repr__(self) -> str:
-        return f"DmClient(urls={dict(self.config.urls)!r}, station={self.config.station!r})"
-
-    @property
-    def username(self) -> str:
-        """The DM account we log in as; DM's tools use it as the default workflow owner."""
-        return self._creds().username
-
-    @property
-    def station(self) -> str:
-        return self.config.station
-
-    def _creds(self) -> Credentials:
-        if self._credentials is None:
-            self._credentials = self.config.credentials()
-        return self._credentials
 
     def _session(self, service: Service) -> _Session:
         url = self.config.url(service)
@@ -76,15 +57,10 @@ class DmClient:
         return self._sessions[url]
 
     async def close(self) -> None:
+        """Close every service's HTTP connection."""
         for session in self._sessions.values():
             await session.http.aclose()
         self._sessions.clear()
-
-    async def __aenter__(self) -> DmClient:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     async def _login(self, session: _Session) -> None:
         creds = self._creds()
@@ -182,44 +158,36 @@ class DmClient:
     # --- workflows and processing jobs (PROC) -------------------------------------------
 
     async def list_workflows(self, owner: str = "") -> list[Workflow]:
-        items = await self.call("listWorkflows", owner=owner or self.username, queryDict={})
+        items = await self.call("listWorkflows", owner=self._owner(owner), queryDict={})
         return [Workflow.from_dict(d) for d in items]
 
     async def get_workflow(self, name: str, owner: str = "") -> Workflow:
-        d = await self.call("getWorkflowByName", owner=owner or self.username, name=name)
+        d = await self.call("getWorkflowByName", owner=self._owner(owner), name=name)
         return Workflow.from_dict(d)
 
     async def add_workflow(self, workflow: dict[str, Any]) -> Workflow:
-        workflow = {"owner": self.username, **workflow}
-        d = await self.call("addWorkflow", allowCurrentUsername=0, workflow=workflow)
+        d = await self.call("addWorkflow", allowCurrentUsername=0, workflow=self._owned(workflow))
         return Workflow.from_dict(d)
 
     async def update_workflow(self, workflow: dict[str, Any]) -> Workflow:
-        workflow = {"owner": self.username, **workflow}
-        d = await self.call("updateWorkflow", allowCurrentUsername=0, workflow=workflow)
+        d = await self.call("updateWorkflow", allowCurrentUsername=0,
+                            workflow=self._owned(workflow))
         return Workflow.from_dict(d)
-
-    async def upsert_workflow(self, workflow: dict[str, Any]) -> Workflow:
-        """Add the workflow, or update it if one of that name exists (dm-upsert-workflow)."""
-        try:
-            return await self.add_workflow(workflow)
-        except ObjectAlreadyExists:
-            return await self.update_workflow(workflow)
 
     async def start_processing_job(self, workflow_name: str, args: dict[str, Any],
                                    owner: str = "") -> Job:
-        d = await self.call("startProcessingJob", owner=owner or self.username,
+        d = await self.call("startProcessingJob", owner=self._owner(owner),
                             workflowName=workflow_name, argsDict=args)
         return Job.from_dict(d)
 
     async def get_processing_job(self, job_id: str, owner: str = "") -> Job:
-        d = await self.call("getProcessingJobById", owner=owner or self.username, id=job_id)
+        d = await self.call("getProcessingJobById", owner=self._owner(owner), id=job_id)
         return Job.from_dict(d)
 
     async def list_processing_jobs(self, owner: str = "", keys: str | list[str] = "DEFAULT",
                                    skip: int = 0, limit: int = 5000) -> list[Job]:
         """All of an owner's jobs in one call; ``keys='ALL'`` includes stages."""
-        items = await self.call("listProcessingJobs", owner=owner or self.username, queryDict={},
+        items = await self.call("listProcessingJobs", owner=self._owner(owner), queryDict={},
                                 skip=skip, limit=limit, keyList=keys)
         return [Job.from_dict(d) for d in items]
 

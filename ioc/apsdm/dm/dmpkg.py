@@ -1,4 +1,4 @@
-"""The same interface as :class:`DmClient`, over the conda ``dm`` package (aps-dm-api).
+"""DmApi over the conda ``dm`` package (aps-dm-api), beside the REST :class:`DmClient`.
 
 Selected with ``apsdm-ioc --dm dm-package`` where that package is importable; every
 blocking vendor call runs in a worker thread so the IOC's loop never waits on it.
@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
-from .client import DmClient
+from .base import DmClientBase
 from .config import DmConfig
 from .errors import ERRORS_BY_NAME, CommunicationError, DmError, NoAnswer
 from .records import Daq, Experiment, Job, Upload, Workflow
@@ -36,8 +36,8 @@ def _dict(obj: Any) -> dict[str, Any]:
     return dict(rep() if rep else getattr(obj, "data", {}))
 
 
-class DmPackageClient(DmClient):
-    """DM access through the vendor package; same methods and records as the REST client."""
+class DmPackageClient(DmClientBase):
+    """DmApi through the vendor package's API classes; same methods and records as DmClient."""
 
     def __init__(self, config: DmConfig) -> None:
         super().__init__(config)
@@ -72,6 +72,7 @@ class DmPackageClient(DmClient):
             raise CommunicationError(f"dm package call {method} failed: {name}: {exc}") from None
 
     async def close(self) -> None:
+        """Drop the vendor API objects (they hold no connection between calls)."""
         self._apis.clear()
 
     async def get_experiment(self, name: str) -> Experiment:
@@ -122,34 +123,34 @@ class DmPackageClient(DmClient):
         return Upload.from_dict(_dict(await self._run("daq", "stopUpload", upload_id)))
 
     async def list_workflows(self, owner: str = "") -> list[Workflow]:
-        items = await self._run("proc", "listWorkflows", owner or self.username)
+        items = await self._run("proc", "listWorkflows", self._owner(owner))
         return [Workflow.from_dict(_dict(w)) for w in items]
 
     async def get_workflow(self, name: str, owner: str = "") -> Workflow:
-        d = await self._run("proc", "getWorkflowByName", owner or self.username, name)
+        d = await self._run("proc", "getWorkflowByName", self._owner(owner), name)
         return Workflow.from_dict(_dict(d))
 
     async def add_workflow(self, workflow: dict[str, Any]) -> Workflow:
-        d = await self._run("proc", "addWorkflow", {"owner": self.username, **workflow})
+        d = await self._run("proc", "addWorkflow", self._owned(workflow))
         return Workflow.from_dict(_dict(d))
 
     async def update_workflow(self, workflow: dict[str, Any]) -> Workflow:
-        d = await self._run("proc", "updateWorkflow", {"owner": self.username, **workflow})
+        d = await self._run("proc", "updateWorkflow", self._owned(workflow))
         return Workflow.from_dict(_dict(d))
 
     async def start_processing_job(self, workflow_name: str, args: dict[str, Any],
                                    owner: str = "") -> Job:
-        d = await self._run("proc", "startProcessingJob", workflowOwner=owner or self.username,
+        d = await self._run("proc", "startProcessingJob", workflowOwner=self._owner(owner),
                             workflowName=workflow_name, argsDict=args)
         return Job.from_dict(_dict(d))
 
     async def get_processing_job(self, job_id: str, owner: str = "") -> Job:
-        d = await self._run("proc", "getProcessingJobById", owner or self.username, job_id)
+        d = await self._run("proc", "getProcessingJobById", self._owner(owner), job_id)
         return Job.from_dict(_dict(d))
 
     async def list_processing_jobs(self, owner: str = "", keys: str | list[str] = "DEFAULT",
                                    skip: int = 0, limit: int = 5000) -> list[Job]:
-        items = await self._run("proc", "listProcessingJobs", owner or self.username,
+        items = await self._run("proc", "listProcessingJobs", self._owner(owner),
                                 skip=skip, limit=limit, keyList=keys)
         return [Job.from_dict(_dict(j)) for j in items]
 

@@ -8,11 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ACTIVE_STATUSES = frozenset({"pending", "running"})
-# the one definition of "this DAQ, upload or job has ended" (``aborting`` has not yet)
-TERMINAL_STATUSES = frozenset({"done", "failed", "skipped", "aborted", "timeout"})
-# ended, but not as asked
-FAILED_STATUSES = TERMINAL_STATUSES - {"done"}
+from .status import ACTIVE_STATUSES, TERMINAL_STATUSES
+
 # top-level fields of a processing job: argsDict keys (merged into the job) may not use them
 RESERVED_JOB_KEYS = frozenset({
     "id", "owner", "status", "stage", "workflow", "submissionTime", "submissionTimestamp",

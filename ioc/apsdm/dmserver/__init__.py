@@ -23,18 +23,20 @@ from apsdm.dm.config import Credentials
 from apsdm.dm.errors import ConfigurationError, InvalidArgument
 from apsdm.dm.routes import Service
 
-from .app import Catalog, Experiments, Processing, Sessions, build_app, check_name
-from .daq import DaqService, WatchHub
+from .catalog import Catalog
+from .common import check_name
+from .daq import DaqService, UploadService
+from .experiments import Experiments
+from .processing import Processing
+from .rest import app_runner
 from .store import Store
-from .upload import UploadService
+from .watch import WatchHub
 
 __all__ = ["EmbeddedService", "start_service"]
 
 log = logging.getLogger(__name__)
 
 LOGIN_USER = "dm"
-#: one line per request; ``dm=`` is DM's status code (0 ok, 10 InvalidArgument, ...; "-" login)
-ACCESS_LOG_FORMAT = '%a "%r" %s %b dm=%{Dm-Status-Code}o %Tfs'
 
 
 @dataclass
@@ -111,9 +113,7 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
         store.close()
 
     closers = [daqs.shutdown, uploads.shutdown, processing.shutdown, close_rest]
-    app = build_app(Sessions(credentials), [experiments, daqs, uploads, processing, catalog])
-    runner = web.AppRunner(app, access_log=logging.getLogger("apsdm.dmserver.access"),
-                           access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=5.0)
+    runner = app_runner(credentials, [experiments, daqs, uploads, processing, catalog])
     try:
         processing.recover()
         daqs.recover()

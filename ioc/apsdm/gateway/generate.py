@@ -10,12 +10,21 @@ import argparse
 import sys
 from pathlib import Path
 
-from apsdm.gateway import db_template, screens
+from apsdm.gateway import adl, bob, db_template, screens
+
+
+def opi_files(layout: screens.Layout = screens.DEFAULT_LAYOUT) -> dict[str, str]:
+    """The opi/ files by path relative to the repository root: a .bob and an .adl per screen."""
+    out = {}
+    for screen in screens.build(layout):
+        out[f"opi/{screens.FILE_PREFIX}{screen.name}.bob"] = bob.to_bob(screen)
+        out[f"opi/{screens.FILE_PREFIX}{screen.name}.adl"] = adl.to_adl(screen)
+    return out
 
 
 def artifacts() -> dict[str, str]:
     """Every generated file by path relative to the repository root."""
-    return {**db_template.files(), **screens.files()}
+    return {**db_template.files(), **opi_files()}
 
 
 def differences(root: Path) -> list[str]:

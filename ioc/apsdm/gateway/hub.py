@@ -1,6 +1,6 @@
 """The gateway's PV state: one value and alarm per PV, published to both servers.
 
-Data flows one way: pollers and commands ``post`` values here and the CA and PVA
+Data flows one way: the publisher and commands ``post`` values here and the CA and PVA
 servers (the sinks) show them; a client write arrives at :meth:`Hub.put`, is checked
 (access, type, length) and handed to the command handler registered for that PV.
 """
@@ -16,6 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
+from .checks import PutRejected
 from .schema import PV, Kind
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,6 @@ def comm_alarm(message: str = "DM unreachable") -> Alarm:
 
 def state_alarm(message: str) -> Alarm:
     return Alarm(MINOR, STATUS_STATE, message)
-
-
-class PutRejected(Exception):
-    """A client write that the gateway refuses; the message tells the client why."""
 
 
 class Writer(NamedTuple):
@@ -82,25 +79,12 @@ class AccessList:
         return not self.allowed or any(i in self.allowed for i in identities if i)
 
 
-def initial_value(pv: PV) -> Any:
-    kind = pv.field.kind
-    if kind in (Kind.STRING, Kind.LONGSTRING):
-        return ""
-    if kind is Kind.DOUBLE:
-        return 0.0
-    if kind is Kind.TABLE:
-        return []
-    if kind is Kind.STREAM:
-        return {"state": "idle", "message": "", "counter": 0, "timestamp": 0.0}
-    return 0
-
-
 class Hub:
     """Holds every PV's value and alarm and routes client writes to command handlers."""
 
     def __init__(self, pvs: Iterable[PV], access: AccessList | None = None) -> None:
         self.pvs: dict[str, PV] = {pv.name: pv for pv in pvs}
-        self.values: dict[str, Any] = {name: initial_value(pv) for name, pv in self.pvs.items()}
+        self.values: dict[str, Any] = {name: pv.field.initial for name, pv in self.pvs.items()}
         self.alarms: dict[str, Alarm] = dict.fromkeys(self.pvs, OK)
         self.stamps: dict[str, float] = dict.fromkeys(self.pvs, time.time())
         self.access = access or AccessList()
@@ -208,6 +192,7 @@ class Hub:
         self._running[name] = task
         try:
             await task
+            log.info("%s: done", name)
         except asyncio.CancelledError:
             if name not in self._released:  # the put itself was cancelled (shutdown)
                 raise

@@ -1,4 +1,5 @@
-"""``apsdm-ioc``: the gateway IOC entry point (CA + PVA servers, poller, commands)."""
+"""``apsdm-ioc``: the gateway IOC entry point (CA + PVA servers, DM-side state, poll loop,
+publisher, commands)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from .commands import Commands
 from .hub import AccessList, Hub
 from .persist import Persistence
 from .poller import Poller
+from .publisher import Publisher
 from .pva import PvaServer
 from .schema import Layout, build
+from .state import DmState
 
 log = logging.getLogger("apsdm.gateway")
 
@@ -147,12 +150,13 @@ async def run(args: argparse.Namespace) -> None:
         "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
         "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1" if args.interface.startswith("127.") else "",
     })
-    persist = Persistence(args.data_root / "ioc-state.json")
-    poller = Poller(hub, dm, layout, dict(persist.ids), args.poll_period)
-    commands = Commands(hub, dm, poller, persist)
+    p = layout.prefix
+    # data flows one way: DM -> poller -> state -> publisher -> PVs; PV -> commands -> DM
+    state = DmState(Persistence(args.data_root / "ioc-state.json"), Publisher(hub))
+    poller = Poller(dm, state, args.poll_period)
+    commands = Commands(hub, dm, state, p)
     commands.register()
     await commands.restore()
-    p = layout.prefix
     # shown on a PV and stdout: without any user:password@ part a URL may carry
     dm_url = re.sub(r"//[^/@]*@", "//", next(iter(dm.config.urls.values()), ""))
     await hub.post(f"{p}Status:Version_RBV", __version__)

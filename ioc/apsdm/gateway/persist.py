@@ -1,5 +1,6 @@
 """What the gateway remembers across restarts: the selected experiment, slot settings
 and the ids of the DAQs, uploads and jobs it started (so it reattaches, never restarts).
+Only :class:`~apsdm.gateway.state.DmState` writes it.
 """
 
 from __future__ import annotations

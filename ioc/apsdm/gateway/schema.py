@@ -1,17 +1,31 @@
-"""The PV schema: the single source of truth for every PV the gateway serves.
+"""The PV schema: the single source of truth for every PV the gateway serves, and what it does.
 
 Both servers, ``db/``, the screens and the ophyd devices are built from (or tested
 against) :func:`build`. Names follow DESIGN.md: settings ``X`` with readbacks ``X_RBV``,
-busy-style ``bo`` commands, slots ``DAQn:``, ``UPn:``, ``WFn:``.
+busy-style ``bo`` commands, slots ``DAQn:``, ``UPn:``, ``WFn:``. Behaviour is declared
+here too, in the spirit of caproto's ``PVGroup``: each readback names its DM source (a
+record and a field, or a derivation), each writable PV its check and its command (a
+method of :class:`~apsdm.gateway.commands.Commands`), each table its rows and columns.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import StrEnum
+from operator import attrgetter
+from typing import Any
+
+from apsdm.dm.records import Job, Stage
+from apsdm.dm.status import FAILED_STATUSES
+
+from . import checks
+from .checks import STREAM_STATES as STREAM_STATES  # the handshake's states, served here
 
 LONG_STRING = 4096  # bytes a long-string (char waveform) PV holds
 STRING = 40  # DBR_STRING
+JOBS_SHOWN = 100  # rows of the Jobs table (newest first)
 
 
 class Kind(StrEnum):
@@ -27,9 +41,66 @@ class Kind(StrEnum):
     STREAM = "stream"  # PVA structure only
 
 
+class Record(StrEnum):
+    """What a readback or table reads from the DM-side state."""
+
+    EXPERIMENT = "experiment"  # the selected Experiment (None: none selected)
+    DAQ = "daq"  # the Daq its slot follows
+    UPLOAD = "upload"  # the Upload its slot follows
+    JOB = "job"  # the Job its slot follows
+    SNAPSHOT = "snapshot"  # the last poll as a whole
+
+
+@dataclass(frozen=True)
+class Source:
+    """A readback's DM source: a record, the getter of its value, and the text of the STATE
+    alarm the value raises (blank: none). No record (no experiment, an empty slot): the
+    PV's :attr:`Field.initial` value, without an alarm."""
+
+    record: Record
+    get: Callable[[Any], Any]
+    alarm: Callable[[Any], str] | None = None
+
+
+def of(record: Record, attr: str, alarm: Callable[[Any], str] | None = None) -> Source:
+    """A readback of one field of a DM record (e.g. the experiment's ``description``)."""
+    return Source(record, attrgetter(attr), alarm)
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: name, p4p type code, and its getter of a row."""
+
+    name: str
+    code: str
+    get: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Table:
+    """A table's rows (from a record) and columns."""
+
+    record: Record
+    rows: Callable[[Any], Iterable[Any]]
+    columns: tuple[Column, ...]
+
+
+ColumnSpec = tuple[str, str, "str | Callable[[Any], Any]"]
+
+
+def table(record: Record, rows: Callable[[Any], Iterable[Any]],
+          columns: tuple[ColumnSpec, ...]) -> Table:
+    """A table from (name, p4p type code, row attribute or getter) column specs."""
+    return Table(record, rows, tuple(
+        Column(name, code, attrgetter(get) if isinstance(get, str) else get)
+        for name, code, get in columns))
+
+
 @dataclass(frozen=True)
 class Field:
-    """One PV of a group: its suffix, representation and role."""
+    """One PV of a group: its suffix, representation and role, and its behaviour:
+    a readback's ``source``, a table's ``table``, a write's ``check`` and ``command``
+    (the :class:`~apsdm.gateway.commands.Commands` method that handles it; default: a setting)."""
 
     suffix: str
     kind: Kind
@@ -38,7 +109,10 @@ class Field:
     enums: tuple[str, ...] = ()
     egu: str = ""
     autosave: bool = False
-    columns: tuple[tuple[str, str], ...] = ()  # TABLE: (name, p4p type code)
+    source: Source | None = None
+    table: Table | None = None
+    check: checks.Check | None = None
+    command: str = ""
     low: float = 0.0  # LONG, DOUBLE: display limits (LOPR, HOPR); equal: none
     high: float = 0.0
 
@@ -49,6 +123,24 @@ class Field:
     @property
     def max_length(self) -> int:
         return LONG_STRING if self.kind is Kind.LONGSTRING else STRING
+
+    @property
+    def columns(self) -> tuple[tuple[str, str], ...]:
+        """TABLE: (name, p4p type code) of each column."""
+        return tuple((c.name, c.code) for c in self.table.columns) if self.table else ()
+
+    @property
+    def initial(self) -> Any:
+        """The value at start, and of a readback whose record is absent (an empty slot)."""
+        if self.kind in (Kind.STRING, Kind.LONGSTRING):
+            return ""
+        if self.kind is Kind.DOUBLE:
+            return 0.0
+        if self.kind is Kind.TABLE:
+            return []
+        if self.kind is Kind.STREAM:
+            return {"state": "idle", "message": "", "counter": 0, "timestamp": 0.0}
+        return 0
 
 
 @dataclass(frozen=True)
@@ -73,84 +165,141 @@ def _f(suffix: str, kind: Kind, desc: str, **kw: object) -> Field:
     return Field(suffix, kind, desc, **kw)  # type: ignore[arg-type]
 
 
+def failed_status(obj: Any) -> str:
+    """The text of the STATE alarm of a DM object that ended not as asked (blank: none)."""
+    return obj.status if obj.status in FAILED_STATUSES else ""
+
+
+def _run_time(job: Job) -> float:
+    """DM's run time, counted on from the start while the job runs."""
+    if not job.finished and job.raw.get("startTime"):
+        return round(time.time() - float(job.raw["startTime"]), 1)
+    return round(job.run_time, 1)
+
+
+def _stage_rows(job: Job) -> list[tuple[Stage, dict[str, Any]]]:
+    """One row per stage and child process (a stage without children: one row)."""
+    return [(st, child) for st in job.stages for child in st.children or ({},)]
+
+
+def _newest_jobs(snap: Any) -> list[Job]:
+    return sorted(snap.jobs.values(), key=lambda j: j.submission_time, reverse=True)[:JOBS_SHOWN]
+
+
 S, LS, L, D, E, B = Kind.STRING, Kind.LONGSTRING, Kind.LONG, Kind.DOUBLE, Kind.ENUM, Kind.BUSY
 NO_YES = ("No", "Yes")
+EXP, DAQ_, UP_, JOB_, SNAP = (Record.EXPERIMENT, Record.DAQ, Record.UPLOAD, Record.JOB,
+                              Record.SNAPSHOT)
 
 EXPERIMENT = (
-    _f("Name", S, "DM experiment to use", writable=True, autosave=True),
-    _f("Name_RBV", S, "Selected DM experiment"),
-    _f("Id_RBV", L, "Experiment id in DM"),
-    _f("Description_RBV", LS, "Experiment description"),
-    _f("Station_RBV", S, "Experiment station"),
-    _f("Type_RBV", S, "Experiment type"),
-    _f("DataDirectory_RBV", LS, "Experiment data directory"),
-    _f("StorageDirectory_RBV", LS, "Experiment storage directory"),
-    _f("StartDate_RBV", S, "Experiment start date"),
-    _f("Users_RBV", LS, "Experiment users"),
-    _f("Valid_RBV", E, "Name resolved to a DM experiment", enums=NO_YES),
+    _f("Name", S, "DM experiment to use", writable=True, autosave=True,
+       command="select_experiment"),
+    _f("Name_RBV", S, "Selected DM experiment", source=of(EXP, "name")),
+    _f("Id_RBV", L, "Experiment id in DM", source=of(EXP, "id")),
+    _f("Description_RBV", LS, "Experiment description", source=of(EXP, "description")),
+    _f("Station_RBV", S, "Experiment station", source=of(EXP, "station")),
+    _f("Type_RBV", S, "Experiment type", source=of(EXP, "type")),
+    _f("DataDirectory_RBV", LS, "Experiment data directory", source=of(EXP, "data_directory")),
+    _f("StorageDirectory_RBV", LS, "Experiment storage directory",
+       source=of(EXP, "storage_directory")),
+    _f("StartDate_RBV", S, "Experiment start date", source=of(EXP, "start_date")),
+    _f("Users_RBV", LS, "Experiment users",
+       source=Source(EXP, lambda e: ",".join(e.users))),
+    _f("Valid_RBV", E, "Name resolved to a DM experiment", enums=NO_YES,
+       source=Source(EXP, lambda _e: 1)),
     _f("Message_RBV", LS, "Why a selection was refused"),
 )
 
-_TRANSFER_COUNTS = (
-    _f("Id_RBV", S, "DM id"),
-    _f("Status_RBV", S, "DM status"),
-    _f("NFiles_RBV", L, "Files seen"),
-    _f("NProcessed_RBV", L, "Files copied"),
-    _f("NErrors_RBV", L, "Files that failed"),
-)
+
+def _transfer_counts(rec: Record) -> tuple[Field, ...]:
+    """Readbacks DAQs and uploads share."""
+    return (
+        _f("Id_RBV", S, "DM id", source=of(rec, "id")),
+        _f("Status_RBV", S, "DM status", source=of(rec, "status", failed_status)),
+        _f("NFiles_RBV", L, "Files seen", source=of(rec, "n_files")),
+        _f("NProcessed_RBV", L, "Files copied", source=of(rec, "n_processed")),
+        _f("NErrors_RBV", L, "Files that failed",
+           source=of(rec, "n_errors", lambda t: "copy errors" if t.n_errors else "")),
+    )
+
+
+def _percent(rec: Record) -> Field:
+    return _f("Percent_RBV", D, "Percent complete", egu="%", high=100.0,
+              source=Source(rec, lambda t: round(t.percent, 2)))
+
 
 DAQ = (
-    _f("DataDirectory", LS, "Local tree to monitor", writable=True, autosave=True),
-    _f("DestDirectory", LS, "Experiment subdirectory", writable=True, autosave=True),
-    _f("Start", B, "Start (or reuse) the DAQ", writable=True, enums=("Done", "Start")),
-    _f("Stop", B, "Stop the DAQ", writable=True, enums=("Done", "Stop")),
-    *_TRANSFER_COUNTS,
-    _f("NWaiting_RBV", L, "Files waiting"),
-    _f("Percent_RBV", D, "Percent complete", egu="%", high=100.0),
-    _f("Active_RBV", E, "DAQ is running", enums=NO_YES),
+    _f("DataDirectory", LS, "Local tree to monitor", writable=True, autosave=True,
+       check=checks.absolute_path),
+    _f("DestDirectory", LS, "Experiment subdirectory", writable=True, autosave=True,
+       check=checks.relative_path),
+    _f("Start", B, "Start (or reuse) the DAQ", writable=True, enums=("Done", "Start"),
+       command="daq_start"),
+    _f("Stop", B, "Stop the DAQ", writable=True, enums=("Done", "Stop"), command="daq_stop"),
+    *_transfer_counts(DAQ_),
+    _f("NWaiting_RBV", L, "Files waiting", source=of(DAQ_, "n_waiting")),
+    _percent(DAQ_),
+    _f("Active_RBV", E, "DAQ is running", enums=NO_YES,
+       source=Source(DAQ_, lambda d: 1 if d.active else 0)),
     _f("Message_RBV", LS, "Last message"),
 )
 
 UPLOAD = (
-    _f("Path", LS, "File or directory to upload", writable=True, autosave=True),
-    _f("DestDirectory", LS, "Experiment subdirectory", writable=True, autosave=True),
+    _f("Path", LS, "File or directory to upload", writable=True, autosave=True,
+       check=checks.absolute_path),
+    _f("DestDirectory", LS, "Experiment subdirectory", writable=True, autosave=True,
+       check=checks.relative_path),
     _f("Mode", E, "Upload a file or a directory", writable=True, autosave=True,
        enums=("File", "Directory")),
-    _f("Start", B, "Upload; done when it ends", writable=True, enums=("Done", "Start")),
-    *_TRANSFER_COUNTS,
-    _f("Percent_RBV", D, "Percent complete", egu="%", high=100.0),
+    _f("Start", B, "Upload; done when it ends", writable=True, enums=("Done", "Start"),
+       command="upload_start"),
+    *_transfer_counts(UP_),
+    _percent(UP_),
     _f("Message_RBV", LS, "Last message"),
 )
 
-STAGE_COLUMNS = (
-    ("stage", "s"), ("child", "i"), ("status", "s"), ("runTime", "d"), ("exitStatus", "i"),
-    ("command", "s"), ("stdOut", "s"), ("stdErr", "s"),
+STAGE_COLUMNS: tuple[ColumnSpec, ...] = (
+    ("stage", "s", lambda r: r[0].id),
+    ("child", "i", lambda r: int(r[1].get("childProcessNumber", -1))),
+    ("status", "s", lambda r: str(r[1].get("status", r[0].status))),
+    ("runTime", "d", lambda r: float(r[1].get("runTime") or 0.0)),
+    ("exitStatus", "i", lambda r: int(r[1].get("exitStatus") or 0)),
+    ("command", "s", lambda r: str(r[1].get("command", r[0].command))),
+    ("stdOut", "s", lambda r: str(r[1].get("stdOut") or "")[-2000:]),
+    ("stdErr", "s", lambda r: str(r[1].get("stdErr") or "")[-2000:]),
 )
 
 WORKFLOW = (
     _f("Name", S, "DM workflow name", writable=True, autosave=True),
-    _f("Owner", S, "Workflow owner (blank: DM user)", writable=True, autosave=True),
-    _f("Args", LS, "Job arguments, JSON object", writable=True, autosave=True),
+    _f("Owner", S, "Workflow owner (blank: DM user)", writable=True, autosave=True,
+       check=checks.username, command="owner_setting"),
+    _f("Args", LS, "Job arguments, JSON object", writable=True, autosave=True,
+       check=checks.job_args_text),
     _f("WaitForOthers", E, "Wait for other jobs of workflow", writable=True, autosave=True,
        enums=NO_YES),
-    _f("Start", B, "Start a job; done when it ends", writable=True, enums=("Done", "Start")),
-    _f("JobId_RBV", S, "Processing job id"),
-    _f("Status_RBV", S, "Job status"),
-    _f("Stage_RBV", S, "Current stage"),
-    _f("RunTime_RBV", D, "Job run time", egu="s"),
-    _f("StagesDone_RBV", L, "Stages finished"),
-    _f("StagesTotal_RBV", L, "Stages in workflow"),
+    _f("Start", B, "Start a job; done when it ends", writable=True, enums=("Done", "Start"),
+       command="workflow_start"),
+    _f("JobId_RBV", S, "Processing job id", source=of(JOB_, "id")),
+    _f("Status_RBV", S, "Job status", source=of(JOB_, "status", failed_status)),
+    _f("Stage_RBV", S, "Current stage", source=of(JOB_, "stage")),
+    _f("RunTime_RBV", D, "Job run time", egu="s", source=Source(JOB_, _run_time)),
+    _f("StagesDone_RBV", L, "Stages finished",
+       source=Source(JOB_, lambda j: sum(st.status in ("done", "failed") for st in j.stages))),
+    _f("StagesTotal_RBV", L, "Stages in workflow", source=Source(JOB_, lambda j: len(j.stages))),
     _f("Message_RBV", LS, "Last message"),
-    _f("Stages", Kind.TABLE, "Stages and child processes", columns=STAGE_COLUMNS),
+    _f("Stages", Kind.TABLE, "Stages and child processes",
+       table=table(JOB_, _stage_rows, STAGE_COLUMNS)),
 )
 
 METADATA = (
-    _f("Json", LS, "Run metadata, JSON object", writable=True),
-    _f("Upload", B, "Add metadata to DM catalog", writable=True, enums=("Done", "Upload")),
-    _f("DatasetName_RBV", S, "Dataset name in DM catalog"),
+    _f("Json", LS, "Run metadata, JSON object", writable=True, check=checks.json_object_text),
+    _f("Upload", B, "Add metadata to DM catalog", writable=True, enums=("Done", "Upload"),
+       command="metadata_upload"),
+    _f("DatasetName_RBV", S, "Dataset name in DM catalog"),  # posted by metadata_upload
     _f("Message_RBV", LS, "Last message"),
 )
 
+# Connected_RBV and Message_RBV are the connection state's (Publisher); the rest set at start
 STATUS = (
     _f("Connected_RBV", E, "DM reachable", enums=("Disconnected", "Connected")),
     _f("Message_RBV", LS, "Gateway health"),
@@ -158,35 +307,58 @@ STATUS = (
     _f("Version_RBV", S, "Gateway version"),
     _f("LastWriter_RBV", LS, "Who wrote last, what, when"),
     _f("DmUrl_RBV", LS, "DM service URL"),
-    _f("DmRequests_RBV", L, "DM requests made"),
+    _f("DmRequests_RBV", L, "DM requests made", source=of(SNAP, "requests")),
     _f("PollPeriod_RBV", D, "DM poll period", egu="s"),
 )
 
+
+def _transfer_table(rows: Callable[[Any], Iterable[Any]]) -> Table:
+    """The DAQs and Uploads tables: one row per transfer DM lists."""
+    return table(SNAP, rows, (
+        ("id", "s", "id"),
+        ("experiment", "s", "experiment_name"),
+        ("dataDirectory", "s", "data_directory"),
+        ("destDirectory", "s", "dest_directory"),
+        ("status", "s", "status"),
+        ("nFiles", "i", "n_files"),
+        ("nProcessed", "i", "n_processed"),
+        ("nErrors", "i", "n_errors"),
+        ("percent", "d", "percent")))
+
+
 TABLES = (
-    _f("Experiments", Kind.TABLE, "Experiments of this station", columns=(
-        ("name", "s"), ("id", "i"), ("station", "s"), ("type", "s"), ("startDate", "s"),
-        ("description", "s"))),
-    _f("DAQs", Kind.TABLE, "DAQs", columns=(
-        ("id", "s"), ("experiment", "s"), ("dataDirectory", "s"), ("destDirectory", "s"),
-        ("status", "s"), ("nFiles", "i"), ("nProcessed", "i"), ("nErrors", "i"),
-        ("percent", "d"))),
-    _f("Uploads", Kind.TABLE, "Uploads", columns=(
-        ("id", "s"), ("experiment", "s"), ("dataDirectory", "s"), ("destDirectory", "s"),
-        ("status", "s"), ("nFiles", "i"), ("nProcessed", "i"), ("nErrors", "i"),
-        ("percent", "d"))),
-    _f("Jobs", Kind.TABLE, "Processing jobs", columns=(
-        ("id", "s"), ("workflow", "s"), ("owner", "s"), ("status", "s"), ("stage", "s"),
-        ("runTime", "d"), ("submitted", "s"), ("errorMessage", "s"))),
-    _f("Workflows", Kind.TABLE, "Workflows", columns=(
-        ("name", "s"), ("owner", "s"), ("stages", "i"), ("description", "s"))),
+    _f("Experiments", Kind.TABLE, "Experiments of this station", table=table(
+        SNAP, attrgetter("experiments"), (
+            ("name", "s", "name"),
+            ("id", "i", "id"),
+            ("station", "s", "station"),
+            ("type", "s", "type"),
+            ("startDate", "s", "start_date"),
+            ("description", "s", "description")))),
+    _f("DAQs", Kind.TABLE, "DAQs", table=_transfer_table(lambda s: s.daqs.values())),
+    _f("Uploads", Kind.TABLE, "Uploads", table=_transfer_table(lambda s: s.uploads.values())),
+    _f("Jobs", Kind.TABLE, "Processing jobs", table=table(SNAP, _newest_jobs, (
+        ("id", "s", "id"),
+        ("workflow", "s", "workflow_name"),
+        ("owner", "s", "owner"),
+        ("status", "s", "status"),
+        ("stage", "s", "stage"),
+        ("runTime", "d", "run_time"),
+        ("submitted", "s", lambda j: str(j.raw.get("submissionTimestamp", ""))),
+        ("errorMessage", "s", "error_message")))),
+    _f("Workflows", Kind.TABLE, "Workflows", table=table(SNAP, attrgetter("workflows"), (
+        ("name", "s", "name"),
+        ("owner", "s", "owner"),
+        ("stages", "i", lambda w: len(w.stages)),
+        ("description", "s", "description")))),
 )
 
-STREAM_STATES = ("idle", "ready", "acquiring", "done", "error")
 STREAM = (
-    _f("Bluesky", Kind.STREAM, "Streaming handshake: bluesky side", writable=True),
-    _f("Workflow", Kind.STREAM, "Streaming handshake: workflow side", writable=True),
+    _f("Bluesky", Kind.STREAM, "Streaming handshake: bluesky side", writable=True,
+       check=checks.stream_value),
+    _f("Workflow", Kind.STREAM, "Streaming handshake: workflow side", writable=True,
+       check=checks.stream_value),
 )
-
 
 @dataclass(frozen=True)
 class Layout:

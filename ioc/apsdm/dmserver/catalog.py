@@ -1,0 +1,48 @@
+"""Catalog service (CAT) of the embedded DM: datasets added by clients, and copied files."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from apsdm.dm.errors import InvalidArgument, ObjectNotFound
+from apsdm.dm.paths import relative_path
+
+from .common import FindExperiment, new_id
+from .store import Doc, Store
+
+
+class Catalog:
+    """Datasets added by clients, and a record of every file DAQs and uploads copied."""
+
+    def __init__(self, store: Store, find_experiment: FindExperiment) -> None:
+        self._store = store
+        self._find = find_experiment
+
+    def addExperimentDataset(self, datasetInfo: Doc) -> Doc:
+        """Store a dataset (experimentName and datasetName required, unique together)."""
+        for key in ("experimentName", "datasetName"):
+            if not isinstance(datasetInfo.get(key), str) or not datasetInfo[key]:
+                raise InvalidArgument(f"datasetInfo needs a non-empty {key}")
+        self._find(datasetInfo["experimentName"])  # ObjectNotFound for an unknown experiment
+        doc = {**datasetInfo, "id": new_id()}
+        self._store.add_dataset(doc)
+        return doc
+
+    def getExperimentFile(self, experimentName: str, experimentFilePath: str) -> Doc:
+        path = str(relative_path(experimentFilePath, "experimentFilePath"))
+        doc = self._store.file(experimentName, path)
+        if doc is None:
+            raise ObjectNotFound(f"file {path} of experiment {experimentName} is not catalogued")
+        return doc
+
+    def add_file(self, experiment: str, path: str, size: int, md5: str) -> None:
+        """Catalogue a copied file (a copy of a newer version updates its record)."""
+        old = self._store.file(experiment, path)
+        self._store.save_file({
+            "id": old["id"] if old else new_id(),
+            "fileName": PurePosixPath(path).name,
+            "experimentFilePath": path,
+            "fileSize": size,
+            "md5Sum": md5,
+            "experimentName": experiment,
+        })

@@ -1,0 +1,166 @@
+"""The DAQ runner: one DAQ's passes over its tree (the files watch events named, or all of it
+at a rescan), a stability clock per file, and parallel copies of the files that settled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import stat
+import time
+
+from .common import flag
+from .copying import CopyAborted, FileStat, file_stat, list_files
+from .transfer import ERROR, WAITING, Transfer
+from .watch import POLL_SECONDS, RESCAN_SECONDS, WatchHub
+
+STABLE_SECONDS = 0.5  # a DAQ copies a file once its size and mtime stayed unchanged this long
+PARALLEL_COPIES = 4  # files a DAQ copies at once (many small files are latency-bound)
+TICK_SECONDS = 0.1  # shortest pause between two passes of a DAQ (coalesces bursts of events)
+DRAIN_SECONDS = 30.0  # stopDaq waits at most this long for files that are still changing
+
+
+class DaqRunner:
+    """Watches one DAQ's tree and copies each new or changed file once it is stable."""
+
+    def __init__(self, transfer: Transfer, hub: WatchHub) -> None:
+        self.transfer = transfer
+        self._hub = hub
+        self._existing = flag(transfer.doc, "processExistingFiles", True)
+        self._started = float(transfer.doc["startTime"])
+        self._processed: dict[str, FileStat] = {}  # the version each file was handled at
+        self._waiting: dict[str, tuple[FileStat, float]] = {}  # version seen, unchanged since
+        self._dirty: set[str] = set()  # paths named by watch events since the last pass
+        self._rescan = True
+        self._wake = asyncio.Event()
+        self._stop_at: float | None = None
+
+    def notify(self, path: str | None) -> None:
+        """A watch event: a file that changed, or None when a whole directory appeared."""
+        if path is None:
+            self._rescan = True
+        else:
+            rel = os.path.relpath(path, self.transfer.source)
+            if not rel.startswith("..") and self.transfer.wanted(rel):
+                self._dirty.add(rel)
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End the DAQ after one last scan, once every file seen is copied."""
+        if self._stop_at is None:
+            self._stop_at = time.monotonic()
+        self._rescan = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        source = self.transfer.source
+        watched = await self._hub.watch(source, self.notify)
+        try:
+            await self._loop(RESCAN_SECONDS if watched else POLL_SECONDS)
+        except CopyAborted:
+            pass  # service shutdown: stays running, resumed at the next start
+        finally:
+            if watched:
+                await self._hub.unwatch(source, self.notify)
+
+    async def _loop(self, period: float) -> None:
+        next_scan, final = 0.0, False
+        while not self.transfer.abort.is_set():
+            rescan = self._rescan or time.monotonic() >= next_scan
+            if rescan:
+                final = self._stop_at is not None
+                self._rescan = False
+                next_scan = time.monotonic() + period
+            await self._pass(rescan)
+            await self._copy_stable()
+            if final and (not self._waiting or self._drain_expired()):
+                self.transfer.finish("done")
+                return
+            await self._pause(next_scan)
+
+    async def _pass(self, rescan: bool) -> None:
+        """Look at the whole tree (rescan) or at the files events named and those waiting.
+
+        A rescan leaves out, in its worker thread, files already handled at their current
+        version: its cost in memory follows what changed, not the size of the tree.
+        """
+        dirty, self._dirty = self._dirty, set()
+        if rescan:
+            found = await asyncio.to_thread(list_files, self.transfer.source,
+                                            self.transfer.hidden, self._handled)
+            checked = found.keys() | self._waiting.keys()
+        else:
+            checked = dirty | self._waiting.keys()
+            found = await asyncio.to_thread(self._stat, checked)
+        self._observe(found, checked)
+
+    def _handled(self, rel: str, version: FileStat) -> bool:
+        """Whether a file was copied at this version and is not waiting (read from the
+        rescan's thread: single dict lookups, safe under the GIL)."""
+        return self._processed.get(rel) == version and rel not in self._waiting
+
+    def _stat(self, rels: set[str]) -> dict[str, tuple[FileStat, float]]:
+        """The current version of some files (those that are gone or not files are left out)."""
+        found = {}
+        for rel in rels:
+            with contextlib.suppress(OSError):
+                st = os.stat(self.transfer.source / rel)
+                if stat.S_ISREG(st.st_mode):
+                    found[rel] = (file_stat(st), st.st_ctime)
+        return found
+
+    def _observe(self, found: dict[str, tuple[FileStat, float]], checked: set[str]) -> None:
+        """Start or restart the stability clock of every new or changed file."""
+        now = time.monotonic()
+        for rel in checked - found.keys():
+            if self._waiting.pop(rel, None) is not None:
+                self.transfer.forget(rel)
+        for rel, (version, ctime) in found.items():
+            if self._processed.get(rel) == version:
+                continue
+            seen = self._waiting.get(rel)
+            if seen is None:
+                if rel not in self._processed and not self._existing and ctime < self._started:
+                    continue  # untouched since before the DAQ started
+                self.transfer.set_state(rel, WAITING)
+            if seen is None or seen[0] != version:
+                # untouched for STABLE_SECONDS already (by the clock of its last change):
+                # stable at first sight, no need to watch it settle
+                age = time.time() - max(version[1] / 1e9, ctime)
+                self._waiting[rel] = (version, now - STABLE_SECONDS if seen is None
+                                      and age >= STABLE_SECONDS else now)
+
+    async def _copy_stable(self) -> None:
+        now = time.monotonic()
+        stable = sorted(rel for rel, (_, since) in self._waiting.items()
+                        if now - since >= STABLE_SECONDS)
+        gate = asyncio.Semaphore(PARALLEL_COPIES)
+
+        async def copy(rel: str) -> None:
+            version, _ = self._waiting.pop(rel)
+            async with gate:
+                copied = await self.transfer.copy(rel, expect=version)
+            if copied:
+                self._processed[rel] = version
+            else:
+                self._dirty.add(rel)  # changed again: look at it anew
+
+        await asyncio.gather(*(copy(rel) for rel in stable))
+
+    def _drain_expired(self) -> bool:
+        """After DRAIN_SECONDS of stopping, files still changing are given up as errors."""
+        assert self._stop_at is not None
+        if time.monotonic() - self._stop_at < DRAIN_SECONDS:
+            return False
+        for rel in self._waiting:
+            self.transfer.set_state(rel, ERROR, "still changing when the DAQ was stopped")
+        return True
+
+    async def _pause(self, next_scan: float) -> None:
+        """Sleep one tick, then until an event, a stable-file check or the next rescan."""
+        await asyncio.sleep(TICK_SECONDS)
+        if self._waiting or self._dirty or self._rescan or self.transfer.abort.is_set():
+            return
+        self._wake.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), max(0.0, next_scan - time.monotonic()))

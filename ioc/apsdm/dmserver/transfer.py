@@ -1,0 +1,285 @@
+"""What DAQs and uploads share: a transfer's record and per-file counters, and the service
+base that keeps the live transfers, their tasks, recovery and shutdown.
+
+A transfer copies files from a local tree into ``<experiment dataDirectory>/<destDirectory>``
+and catalogues each copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Coroutine
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from apsdm.dm.errors import DmError, InvalidArgument, ObjectNotFound
+from apsdm.dm.paths import relative_path
+from apsdm.dm.status import ACTIVE_STATUSES
+
+from .common import FindExperiment, dm_timestamp, flag
+from .copying import (
+    FileStat,
+    SourceChanged,
+    TransferFailed,
+    copy_file,
+    describe,
+    remove_leftovers,
+    size_md5,
+)
+from .store import Doc, Store, ThrottledSaver
+
+log = logging.getLogger(__name__)
+
+WAITING, DONE, ERROR = "waiting", "done", "error"
+
+CatalogFile = Callable[[str, str, int, str], None]  # experiment, experimentFilePath, size, md5
+Catalogued = Callable[[str, str], bool]  # experiment, experimentFilePath -> in the catalog
+
+
+def destination(experiment: Doc, dest: PurePosixPath, source: Path) -> Path:
+    """Where a transfer's files go; it must stay in the experiment and outside the source."""
+    root = Path(experiment["dataDirectory"])
+    target = root / dest
+    resolved = target.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise InvalidArgument(f"destDirectory {str(dest)!r} leaves the experiment directory")
+    if resolved.is_relative_to(source.resolve()):
+        raise InvalidArgument(
+            f"the destination {target} lies inside the data directory {source}: "
+            "copies would be copied again")
+    return target
+
+
+class Transfer:
+    """A DAQ or upload record, and the per-file states behind its counters."""
+
+    def __init__(self, kind: str, doc: Doc, target: Path, save: Callable[[Doc], None],
+                 catalog: CatalogFile, catalogued: Catalogued) -> None:
+        self.kind = kind
+        self.doc = doc
+        self.source = Path(doc["dataDirectory"])
+        self.target = target
+        self.hidden = flag(doc, "processHiddenFiles", False)
+        self.abort = threading.Event()  # stops copies in their worker threads
+        self.stop_requested = False
+        self._save = save
+        self._catalog = catalog
+        self._catalogued = catalogued
+        self._prefix = PurePosixPath(doc["destDirectory"] or ".")
+        self._states: dict[str, str] = {}
+        self._counts: Counter[str] = Counter()
+        doc["processingErrors"] = {}  # a resumed transfer retries its failed files
+        self._update_counters()
+
+    @property
+    def id(self) -> str:
+        return str(self.doc["id"])
+
+    def wanted(self, rel: str) -> bool:
+        """Whether a file (relative path) belongs to this transfer (dot-files only if asked)."""
+        return self.hidden or not any(p.startswith(".") for p in PurePosixPath(rel).parts)
+
+    def set_state(self, rel: str, state: str, error: str = "") -> None:
+        old = self._states.get(rel)
+        if old is not None:
+            self._counts[old] -= 1
+        self._states[rel] = state
+        self._counts[state] += 1
+        errors = self.doc["processingErrors"]
+        if state == ERROR:
+            errors[rel] = error
+            log.warning("%s %s: %s: %s", self.kind, self.id, rel, error)
+        else:
+            errors.pop(rel, None)
+        self._update_counters()
+
+    def forget(self, rel: str) -> None:
+        """Drop a file that vanished before it could be copied."""
+        if self._states.get(rel) == WAITING:
+            del self._states[rel]
+            self._counts[WAITING] -= 1
+            self._update_counters()
+
+    def record(self, rel: str, size: int, md5: str) -> None:
+        """A file was copied: catalogue it and count it."""
+        self._catalog(self.doc["experimentName"], str(self._prefix / rel), size, md5)
+        self.set_state(rel, DONE)
+
+    async def found_copied(self, rel: str) -> None:
+        """A file already in place (copied before a restart): count it, and catalogue it if
+        a crash came between its copy and its catalogue entry."""
+        if self._catalogued(self.doc["experimentName"], str(self._prefix / rel)):
+            self.set_state(rel, DONE)
+            return
+        try:
+            self.record(rel, *await asyncio.to_thread(size_md5, self.target / rel))
+        except OSError as exc:
+            self.set_state(rel, ERROR, describe(exc))
+
+    def leaves_storage(self, path: Path) -> bool:
+        """Whether path's directory, symlinks resolved, lies outside the experiment's storage
+        (a link planted under the destination after the transfer was checked and started)."""
+        storage = Path(self.doc.get("storageDirectory") or self.target).resolve()
+        return not path.parent.resolve().is_relative_to(storage)
+
+    async def copy(self, rel: str, expect: FileStat | None = None, skip_copied: bool = True
+                   ) -> bool:
+        """Copy one file and record the outcome; False if it was not version ``expect``."""
+        dst = self.target / rel
+        if self.leaves_storage(dst):
+            self.set_state(rel, ERROR, f"{dst.parent} leads out of the experiment directory")
+            return True
+        try:
+            result = await asyncio.to_thread(copy_file, self.source / rel, dst, self.abort,
+                                             expect, dst if skip_copied else None)
+        except SourceChanged:
+            return False
+        except OSError as exc:
+            self.set_state(rel, ERROR, describe(exc))
+            return True
+        if result is None:
+            await self.found_copied(rel)
+        else:
+            self.record(rel, *result)
+        return True
+
+    def _update_counters(self) -> None:
+        doc, counts = self.doc, self._counts
+        total = len(self._states)
+        finished = counts[DONE] + counts[ERROR]
+        doc.update(nFiles=total, countFiles=total, nProcessedFiles=counts[DONE],
+                   nProcessingErrors=counts[ERROR], nWaitingFiles=counts[WAITING])
+        if total:
+            doc["percentageComplete"] = round(100.0 * finished / total, 2)
+        else:
+            doc["percentageComplete"] = 0.0 if doc["status"] in ACTIVE_STATUSES else 100.0
+        self._save(doc)
+
+    def start(self) -> None:
+        self.doc["status"] = "running"
+        self._save(self.doc)
+
+    def finish(self, status: str, error: str = "") -> None:
+        now = time.time()
+        self.doc.update(status=status, endTime=now, endTimestamp=dm_timestamp(now),
+                        runTime=round(now - self.doc["startTime"], 3))
+        if error:
+            self.doc["errorMessage"] = error
+        self._update_counters()
+        log.info("%s %s %s%s", self.kind, self.id, status,
+                 f": {error}" if error else "")
+
+
+class TransferService:
+    """What the DAQ and upload services share: records, the live transfers, their tasks."""
+
+    kind = ""  # "daq" or "upload": the record kind in the store
+
+    def __init__(self, store: Store, find_experiment: FindExperiment,
+                 catalog: CatalogFile) -> None:
+        self._store = store
+        self._find = find_experiment
+        self._catalog = catalog
+        self._saver = ThrottledSaver(lambda doc: store.save_transfer(self.kind, doc))
+        self._live: dict[str, Transfer] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def _work(self, transfer: Transfer) -> Coroutine[Any, Any, None]:
+        """The coroutine that carries a transfer out (DAQ watch, or upload copy)."""
+        raise NotImplementedError
+
+    def _new_doc(self, experiment: Doc, source: Path, options: Doc) -> Doc:
+        """A new record: the caller's options echoed, then DM's fields."""
+        now = time.time()
+        dest = relative_path(options.get("destDirectory"), "destDirectory")
+        return {
+            **options,
+            "id": str(uuid.uuid4()),
+            "experimentName": experiment["name"],
+            "experimentStationName": experiment["stationName"],
+            "dataDirectory": str(source),
+            "destDirectory": "" if not dest.parts else str(dest),
+            "status": "pending",
+            "startTime": now,
+            "startTimestamp": dm_timestamp(now),
+            "storageDirectory": experiment["dataDirectory"],
+            "storageHost": experiment["storageHost"],
+            "storageUrl": Path(experiment["dataDirectory"]).as_uri(),
+        }
+
+    def _transfer(self, doc: Doc) -> Transfer:
+        """Bind a record to its experiment and destination (checks both)."""
+        experiment = self._find(doc["experimentName"])
+        dest = relative_path(doc["destDirectory"], "destDirectory")
+        target = destination(experiment, dest, Path(doc["dataDirectory"]))
+        return Transfer(self.kind, doc, target, self._saver.save, self._catalog,
+                        self._catalogued)
+
+    def _catalogued(self, experiment: str, path: str) -> bool:
+        return self._store.file(experiment, path) is not None
+
+    def _launch(self, transfer: Transfer) -> None:
+        """Mark a transfer running and carry it out in its own task."""
+        transfer.start()
+        self._live[transfer.id] = transfer
+        self._tasks[transfer.id] = asyncio.create_task(self._guard(transfer))
+
+    async def _guard(self, transfer: Transfer) -> None:
+        """Run a transfer's work; whatever goes wrong ends in its record, never in the log only."""
+        try:
+            await self._work(transfer)
+        except TransferFailed as exc:
+            transfer.finish("failed", str(exc))
+        except Exception as exc:
+            log.exception("%s %s: internal error", self.kind, transfer.id)
+            transfer.finish("failed", f"internal error: {exc}")
+        finally:
+            self._live.pop(transfer.id, None)
+            self._tasks.pop(transfer.id, None)
+
+    def recover(self) -> None:
+        """At start: carry on every transfer that was pending or running when we stopped."""
+        for doc in self._store.transfers(self.kind, ACTIVE_STATUSES):
+            try:
+                transfer = self._transfer(doc)
+            except DmError as exc:
+                now = time.time()
+                doc.update(status="failed", errorMessage=f"cannot resume: {exc.message}",
+                           endTime=now, endTimestamp=dm_timestamp(now))
+                self._store.save_transfer(self.kind, doc)
+                continue
+            log.info("resuming %s %s of experiment %s", self.kind, doc["id"],
+                     doc["experimentName"])
+            if removed := remove_leftovers(transfer.target):  # before any copy starts
+                log.info("removed %d temporary files left by copies cut short under %s",
+                         removed, transfer.target)
+            self._launch(transfer)
+
+    async def shutdown(self) -> None:
+        """Stop every transfer without ending it: the next start resumes it."""
+        for transfer in self._live.values():
+            transfer.abort.set()
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._saver.flush()
+
+    def _list(self) -> list[Doc]:
+        """Every record, live ones as they are this instant."""
+        live = self._live
+        return [live[d["id"]].doc if d["id"] in live else d
+                for d in self._store.transfers(self.kind)]
+
+    def _get(self, id: str) -> Doc:
+        if id in self._live:
+            return self._live[id].doc
+        doc = self._store.transfer(self.kind, id)
+        if doc is None:
+            raise ObjectNotFound(f"{self.kind} {id} does not exist")
+        return doc

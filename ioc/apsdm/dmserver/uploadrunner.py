@@ -1,0 +1,103 @@
+"""Upload runs of the embedded DM service: copy a tree (or one file of it) into an experiment once.
+
+``processingMode`` "files" copies file by file and counts each; "directory" copies the whole
+tree into a hidden staging directory first and moves it into place only if every file
+copied, so the counters jump at once. Files already copied (same size and mtime) are
+skipped unless ``reprocessFiles`` is set, which also makes a resumed upload idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from pathlib import Path
+
+from apsdm.dm.paths import relative_path
+
+from .common import flag
+from .copying import CopyAborted, SourceChanged, TransferFailed, copy_file, describe, list_files
+from .transfer import ERROR, WAITING, Transfer
+
+
+async def run_upload(transfer: Transfer) -> None:
+    """Copy an upload's files, then end its record: done, failed (saying which files) or aborted."""
+    doc = transfer.doc
+    reprocess = flag(doc, "reprocessFiles", False)
+    try:
+        files = await asyncio.to_thread(_files, transfer)
+        for rel in files:
+            transfer.set_state(rel, WAITING)
+        if doc["processingMode"] == "directory":
+            await _copy_tree(transfer, sorted(files), reprocess)
+        else:
+            for rel in sorted(files):
+                if not await transfer.copy(rel, skip_copied=not reprocess):
+                    transfer.set_state(rel, ERROR, "changed while it was being copied")
+    except CopyAborted:
+        if transfer.stop_requested:
+            transfer.finish("aborted", "stopped by stopUpload")
+        return  # otherwise the service is stopping: the next start runs it again
+    errors = doc["processingErrors"]
+    if errors:
+        rel = next(iter(errors))
+        transfer.finish("failed", f"{len(errors)} of {doc['nFiles']} files failed; "
+                                  f"{rel}: {errors[rel]}")
+    else:
+        transfer.finish("done")
+
+
+def _files(transfer: Transfer) -> list[str]:
+    """The files to upload: the whole tree, or only ``experimentFilePath``."""
+    one = transfer.doc.get("experimentFilePath")
+    if one is None:
+        return list(list_files(transfer.source, transfer.hidden))
+    rel = str(relative_path(one, "experimentFilePath"))
+    if not (transfer.source / rel).is_file():
+        raise TransferFailed(f"{transfer.source / rel} no longer exists")
+    return [rel]
+
+
+async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> None:
+    """Directory mode: all files into a staging tree, then all moved into place at once."""
+    staging = transfer.target / f".dm-staging-{transfer.id}"
+    try:
+        copied = await asyncio.to_thread(_stage, transfer, files, staging, reprocess)
+        await asyncio.to_thread(_merge, staging, transfer, list(copied))
+    finally:
+        await asyncio.to_thread(shutil.rmtree, staging, True)
+    for rel in files:
+        if rel in copied:
+            transfer.record(rel, *copied[rel])
+        else:
+            await transfer.found_copied(rel)
+
+
+def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
+           ) -> dict[str, tuple[int, str]]:
+    """Copy every file not yet in place into the staging tree; any failure fails the upload."""
+    copied = {}
+    for rel in files:
+        try:
+            result = copy_file(transfer.source / rel, staging / rel, transfer.abort,
+                               unless_copied_to=None if reprocess else transfer.target / rel)
+        except SourceChanged:
+            raise TransferFailed(f"{rel} changed while it was being copied") from None
+        except OSError as exc:
+            raise TransferFailed(f"{rel}: {describe(exc)}") from None
+        if result is not None:
+            copied[rel] = result
+    return copied
+
+
+def _merge(staging: Path, transfer: Transfer, files: list[str]) -> None:
+    """Move staged files to their final names (renames within one file system)."""
+    for rel in files:
+        final = transfer.target / rel
+        if transfer.leaves_storage(final):
+            raise TransferFailed(f"{final.parent} leads out of the experiment directory")
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging / rel, final)
+        except OSError as exc:
+            raise TransferFailed(f"cannot move {rel} into place: {describe(exc)}") from None

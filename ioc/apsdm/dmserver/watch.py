@@ -1,0 +1,91 @@
+"""Watching DAQ trees: one watchdog (inotify) observer whose events reach the DAQs on the loop.
+
+Events only say where to look; a DAQ still rescans its whole tree every RESCAN_SECONDS
+(POLL_SECONDS where the tree cannot be watched) to catch anything they missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
+
+log = logging.getLogger(__name__)
+
+RESCAN_SECONDS = 5.0  # full rescan period while inotify works: catches anything it missed
+POLL_SECONDS = 1.0  # full rescan period when the tree cannot be watched
+
+
+class _Fanout(FileSystemEventHandler):
+    """Watchdog handler of one tree: hands each event to the DAQs on the asyncio loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.callbacks: list[Callable[[str | None], None]] = []
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        if event.is_directory:  # a tree came, went or moved: rescan rather than trust events
+            paths: list[str | None] = [None] if event.event_type != "modified" else []
+        else:
+            paths = [os.fsdecode(p) for p in (event.src_path, event.dest_path) if p]
+        for path in paths:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self._loop.call_soon_threadsafe(self._deliver, path)
+
+    def _deliver(self, path: str | None) -> None:
+        for callback in list(self.callbacks):
+            callback(path)
+
+
+class WatchHub:
+    """One watchdog observer for every DAQ; DAQs on the same tree share its watch."""
+
+    def __init__(self) -> None:
+        self._observer: BaseObserver | None = None
+        self._trees: dict[Path, tuple[ObservedWatch, _Fanout]] = {}
+        self._lock = asyncio.Lock()
+
+    async def watch(self, root: Path, callback: Callable[[str | None], None]) -> bool:
+        """Send events under root to callback; False if the tree cannot be watched."""
+        async with self._lock:
+            if root not in self._trees:
+                fanout = _Fanout(asyncio.get_running_loop())
+                try:
+                    if self._observer is None:
+                        self._observer = Observer()
+                        self._observer.daemon = True
+                        self._observer.start()
+                    watch = await asyncio.to_thread(self._observer.schedule, fanout, str(root),
+                                                    recursive=True)
+                except OSError as exc:
+                    log.warning("cannot watch %s (%s): polling it every %.0f s", root,
+                                exc.strerror or exc, POLL_SECONDS)
+                    return False
+                self._trees[root] = (watch, fanout)
+            self._trees[root][1].callbacks.append(callback)
+            return True
+
+    async def unwatch(self, root: Path, callback: Callable[[str | None], None]) -> None:
+        async with self._lock:
+            watch, fanout = self._trees[root]
+            fanout.callbacks.remove(callback)
+            if not fanout.callbacks:
+                del self._trees[root]
+                if self._observer is not None:
+                    with contextlib.suppress(KeyError, OSError):
+                        await asyncio.to_thread(self._observer.unschedule, watch)
+
+    async def close(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            await asyncio.to_thread(self._observer.join, 5)
+            self._observer = None

@@ -1,0 +1,82 @@
+"""Writing settings and running busy commands through messages, with the IOC's refusals."""
+
+import logging
+import posixpath
+from collections.abc import Callable
+from typing import Any
+
+from bluesky import plan_stubs as bps
+from bluesky.utils import MsgGenerator
+from ophyd import Device, EpicsSignal
+from ophyd.status import Status
+
+from ..devices import NO_YES
+from ..errors import GatewayError
+from ..progress import DEFAULT_POLL_PERIOD, wait_until
+
+__all__ = ["READBACK_GRACE", "YES", "expect", "refusal", "release", "run_command", "write"]
+
+log = logging.getLogger("apsdm_ophyd")
+
+#: Seconds readbacks may take to show the outcome of a completed put.
+READBACK_GRACE = 2.0
+YES = NO_YES[1]
+
+
+def refusal(device: Device) -> MsgGenerator[str | None]:
+    """The device's ``Message_RBV`` if it carries an alarm (the IOC refused something)."""
+    text = yield from bps.rd(device.message, default_value="")  # a fresh read, alarm too
+    return (str(text) or "no reason given") if device.message.alarm_severity else None
+
+
+def write(device: Device, **settings: Any) -> MsgGenerator[None]:
+    """Write settings in order (each put completes when the IOC has it); raise if not taken.
+
+    The IOC may normalize a path (``a/b/`` reads back as ``a/b``); any other difference
+    means the write was refused (the reason is in ``Message_RBV``) or lost on the way.
+    """
+    for attr, value in settings.items():
+        signal: EpicsSignal = getattr(device, attr)
+        yield from bps.abs_set(signal, value, wait=True)
+        actual = yield from bps.rd(signal, default_value=value)
+        if actual == value or (isinstance(value, str) and value
+                               and actual == posixpath.normpath(value)):
+            continue
+        why = yield from refusal(device)
+        raise GatewayError(f"{signal.setpoint_pvname} = {value!r} "
+                           + (f"refused: {why}" if why else f"not taken (reads {actual!r})"))
+
+
+def expect(device: Device, condition: Callable[[], MsgGenerator[bool]], failure: str,
+           timeout: float = READBACK_GRACE) -> MsgGenerator[None]:
+    """After a command, wait briefly for ``condition``; else raise GatewayError with the reason."""
+    try:
+        yield from wait_until(condition, timeout=timeout, poll_period=0.1, what=failure)
+    except TimeoutError:
+        why = (yield from refusal(device)) or (yield from bps.rd(device.message, default_value=""))
+        raise GatewayError(f"{failure}: {why or 'no reason given'}") from None
+
+
+def run_command(command: EpicsSignal, *, timeout: float,
+                poll_period: float = DEFAULT_POLL_PERIOD) -> MsgGenerator[None]:
+    """Write 1 to a busy command and wait (in short waits) until the IOC's action ends."""
+    status = yield from bps.abs_set(command, 1)
+    yield from bps.checkpoint()  # a rewind after a pause must not start it again
+    yield from wait_until(lambda: _done(status), timeout=timeout, poll_period=poll_period,
+                          what=command.setpoint_pvname)
+
+
+def release(command: EpicsSignal, status: Status | None, why: str) -> MsgGenerator[None]:
+    """Write 0 to a busy command still waiting on our put: the slot is free, DM goes on."""
+    if status is None or status.done:
+        return
+    yield from bps.abs_set(command, 0, wait=True)
+    message = f"{command.setpoint_pvname} released ({why}); the DM action itself goes on"
+    log.warning(message)
+    print(message)
+
+
+def _done(status: Status | None) -> MsgGenerator[bool]:
+    """True once the put has completed (or when simulated: no status)."""
+    yield from bps.null()
+    return status is None or status.done
