@@ -8,14 +8,18 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import epics
+import psutil
 import pytest
 from conftest import Ioc, make_ioc
 from test_ioc import MINOR, STATE, add_workflow, alarm, caget, caput, wait_until
+
+from apsdm.gateway.schema import Layout, build
 
 # libca through pyepics in a fresh process, with libca's own exception handler (as caget
 # has; it aborts on fatal errors such as ECA_INTERNAL): ``script`` sees ``ca``, ``dbr``,
@@ -135,3 +139,38 @@ time.sleep(0.5)
 ca.poll()
 """)
     assert out["nord"] == len(ioc.dm_url) == out["get"] == out["monitor"][0], out
+
+
+# a short-lived CA client, as a shell's caget, a screen opened and closed, an archiver
+# reconnecting: it connects to every PV, monitors it, and its process ends (no goodbye)
+CHURN = """
+import os, sys
+from epics import ca
+
+chids = [ca.create_channel(name, connect=False, auto_cb=False) for name in sys.argv[1:]]
+subs = [ca.create_subscription(c, callback=lambda **kw: None) for c in chids
+        if ca.connect_channel(c, timeout=5)]
+ca.pend_event(0.05)
+os._exit(0 if len(subs) == len(chids) else 1)
+"""
+
+
+@pytest.mark.slow
+def test_short_lived_ca_clients_leave_memory_flat(ioc: Ioc) -> None:
+    """caproto 1.3 kept about 0.6 MB per client that left abruptly (see
+    ``get_from_sub_queue`` in ca.py); 512 such clients, four at a time."""
+    assert ioc.proc is not None
+    process = psutil.Process(ioc.proc.pid)
+    names = [pv.name for pv in build(Layout(ioc.prefix)) if not pv.field.pva_only]
+    rss: dict[int, float] = {}
+    for clients in range(4, 513, 4):
+        children = [subprocess.Popen([sys.executable, "-c", CHURN, *names], env={**ioc.env, "PATH": ""},
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    for _ in range(4)]
+        assert [child.wait(60) for child in children] == [0] * 4
+        if clients % 64 == 0:
+            time.sleep(1)  # let the IOC see the last circuits close
+            rss[clients] = round(process.memory_info().rss / 1e6, 1)
+    print(f"IOC RSS (MB) by short-lived CA clients: {rss}")
+    assert rss[256] - rss[64] <= 10, rss
+    assert rss[512] - rss[256] <= 10, rss

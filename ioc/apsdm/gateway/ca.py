@@ -231,6 +231,9 @@ CAPROTO_CONTRACT = {
     "caproto.server.common.VirtualCircuit._cull_subscriptions": "e064982f67823273",
     "caproto.server.common.VirtualCircuit._on_disconnect": "2ad02294d15535e9",
     "caproto.server.common.VirtualCircuit.send": "54f6a3a555bfed63",
+    "caproto.server.common.VirtualCircuit.subscription_queue_loop": "74dfdc49755e3d43",
+    "caproto.asyncio.server.VirtualCircuit.get_from_sub_queue": "71678a18f5cf6188",
+    "caproto.asyncio.server.VirtualCircuit._on_disconnect": "b818afa66500f8f9",
     "caproto.server.common.Context._subscription_queue_iteration": "86379b92d50fbbe4",
     "caproto.server.common.Context._subscription_queue_send": "6a7f5658052ea27b",
     "caproto.server.common.Context.__getitem__": "26d664db4565a9e2",
@@ -268,6 +271,19 @@ class _ReleasingCircuit(VirtualCircuit):
             return [chan.read(data=data, data_type=command.data_type,
                               data_count=command.data_count, status=CAStatus.ECA_GETFAIL,
                               ioid=command.ioid, metadata=metadata, notify=True)]
+
+    async def get_from_sub_queue(self, timeout: float | None = None) -> Any:
+        """caproto's wait for the next update. When a client leaves abruptly, the cancel of
+        this wait can be lost (seen: the task 'cancelling' yet waiting again), and the
+        closing command loop then awaits it forever: the circuit, its channels and held
+        updates stay (about 0.6 MB per client). So the wait also ends once closed."""
+        if timeout is not None:
+            return await super().get_from_sub_queue(timeout)
+        while self.connected:
+            ref = await super().get_from_sub_queue(1.0)
+            if ref is not None:
+                return ref
+        raise asyncio.CancelledError  # caproto's loop ends on it
 
     async def send(self, *commands: Any) -> None:
         await super().send(*commands)
