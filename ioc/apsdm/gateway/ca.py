@@ -224,8 +224,9 @@ def _channel(pv: PV, hub: Hub) -> Any:
 # when an upgrade changes one, so each workaround is looked at again, not silently broken.
 # Upstream: none of the caproto 1.3.0 bugs worked around here (each named at its override:
 # ECA_INTERNAL for a failed conversion, CTRL_STRING in the TIME_STRING layout, WRITE/MAJOR
-# on any refused put, sent updates kept, a disconnect ending the update loop, no
-# TCP_NODELAY) has an issue in caproto's tracker as of 2026-12-02; each is to be reported.
+# on any refused put, sent updates kept, a disconnect ending the update loop, a closed
+# circuit never released, no TCP_NODELAY) has an issue in caproto's tracker as of
+# 2026-12-02; each is to be reported.
 CAPROTO_CONTRACT = {
     "caproto.server.common.VirtualCircuit._process_command": "89a0a95c53667d18",
     "caproto.server.common.VirtualCircuit._cull_subscriptions": "e064982f67823273",
