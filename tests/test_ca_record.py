@@ -156,6 +156,7 @@ os._exit(0 if len(subs) == len(chids) else 1)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_short_lived_ca_clients_leave_memory_flat(ioc: Ioc) -> None:
     """caproto 1.3 kept about 0.6 MB per client that left abruptly (see
     ``get_from_sub_queue`` in ca.py); 512 such clients, four at a time."""
