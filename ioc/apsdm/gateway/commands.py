@@ -21,7 +21,7 @@ from apsdm.dm.api import DmApi
 
 from .checks import PutRejected, absolute_path, job_args, json_object, relative_path
 from .hub import OK, STATUS_COMM, Hub, Writer, coerce, state_alarm
-from .schema import PV, Record
+from .schema import PV, Kind, Record
 from .state import DmState, Snapshot
 
 log = logging.getLogger(__name__)
@@ -54,14 +54,15 @@ class Commands:
         for pv in self.hub.pvs.values():
             if pv.field.writable:
                 self.hub.handle(pv.name, getattr(self, pv.field.command or "setting"))
-        self.hub.on_command.append(self._record_writer)
+        self.hub.on_write.append(self._record_writer)
 
     def _key(self, pv: PV) -> str:
         return pv.name[len(self.p):]
 
     async def _record_writer(self, pv: PV, writer: Writer) -> None:
-        """Status:LastWriter_RBV: who started which command, and when."""
-        log.info("%s by %s", self._key(pv), writer)
+        """Status:LastWriter_RBV: who wrote which PV (a setting, a command), and when."""
+        if pv.field.kind is Kind.BUSY:  # a command starts (settings stay off the console)
+            log.info("%s by %s", self._key(pv), writer)
         await self.hub.post(f"{self.p}Status:LastWriter_RBV",
                             f"{writer} {self._key(pv)} {time.strftime('%H:%M:%S')}")
 

@@ -45,6 +45,8 @@ def _record_fields(field: Field) -> list[tuple[str, str]]:
         case Kind.DOUBLE:
             fields += [("EGU", field.egu)] if field.egu else []
             fields.append(("PREC", str(PREC)))
+            if field.high > field.low:
+                fields += [("LOPR", f"{field.low:g}"), ("HOPR", f"{field.high:g}")]
         case Kind.ENUM:
             fields += [(f"{state}ST", text) for state, text in zip(MBB_STATES, field.enums,
                                                                      strict=False)]

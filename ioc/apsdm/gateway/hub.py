@@ -90,7 +90,8 @@ class Hub:
         self.access = access or AccessList()
         self.sinks: list[Sink] = []
         self.handlers: dict[str, Handler] = {}
-        self.on_command: list[Callable[[PV, Writer], Awaitable[None]]] = []  # a command starts
+        # a write takes effect: a setting is stored, a command starts
+        self.on_write: list[Callable[[PV, Writer], Awaitable[None]]] = []
         self._running: dict[str, asyncio.Future[Any]] = {}  # busy commands under way
         self._released: set[str] = set()  # busy commands whose waiting a 0 ended
 
@@ -162,6 +163,8 @@ class Hub:
         if handler is not None:
             value = await handler(pv, value, writer)
         await self.post(name, value)
+        for hook in self.on_write:
+            await hook(pv, writer)
         return value
 
     def check_writer(self, pv: PV, writer: Writer) -> None:
@@ -182,7 +185,7 @@ class Hub:
         if running is not None:
             raise PutRejected(f"{name} is busy: wait until the running action ends, "
                               "or write 0 to stop waiting")
-        for hook in self.on_command:
+        for hook in self.on_write:
             await hook(pv, writer)
         await self.post(name, 1)
         task = asyncio.ensure_future(handler(pv, value, writer))

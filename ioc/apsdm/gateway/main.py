@@ -63,10 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "default $EPICS_CA_SERVER_PORT or 5064)")
     ap.add_argument("--pva-port", type=int,
                     default=int(os.environ.get("EPICS_PVAS_SERVER_PORT", 5075)),
-                    help="PVA server TCP port (0 = pick a free port; default 5075)")
-    ap.add_argument("--pva-broadcast-port", type=int,
-                    default=int(os.environ.get("EPICS_PVAS_BROADCAST_PORT", 5076)),
-                    help="PVA UDP search port (0 = pick a free port; default 5076)")
+                    help="PVA server TCP port (0 = pick free TCP and UDP search ports; default 5075)")
+    ap.add_argument("--pva-broadcast-port", type=int, default=None,
+                    help="PVA UDP search port (0 = pick a free port; default: picked with "
+                         "--pva-port 0, else $EPICS_PVAS_BROADCAST_PORT or 5076)")
     ap.add_argument("--poll-period", type=float, default=1.0,
                     help="seconds between DM polls; each poll is one list call per kind "
                          "(default %(default)s)")
@@ -133,7 +133,10 @@ async def run(args: argparse.Namespace) -> None:
     args.data_root.mkdir(parents=True, exist_ok=True)
     ca_port = args.ca_port or free_port(args.interface)
     pva_port = args.pva_port or free_port(args.interface, udp=False)
-    pva_bcast = args.pva_broadcast_port or free_port(args.interface)
+    pva_bcast = args.pva_broadcast_port
+    if pva_bcast is None:  # --pva-port 0 asks for a private PVA server: its search port too
+        pva_bcast = int(os.environ.get("EPICS_PVAS_BROADCAST_PORT", 5076)) if args.pva_port else 0
+    pva_bcast = pva_bcast or free_port(args.interface)
     os.environ["EPICS_CA_SERVER_PORT"] = str(ca_port)  # caproto reads its port from here
 
     dm, service = await make_dm(args)
@@ -162,10 +165,11 @@ async def run(args: argparse.Namespace) -> None:
     await hub.post(f"{p}Status:Message_RBV", "starting")
 
     ca_port = await ca.start()
-    pva_port = pva.start()
+    pva_port, pva_bcast = pva.start()
     tasks = [asyncio.create_task(poller.run()),
              asyncio.create_task(heartbeat(hub, f"{p}Status:Heartbeat_RBV"))]
-    print(f"READY ca_port={ca_port} pva_port={pva_port} dm_url={dm_url}", flush=True)
+    print(f"READY ca_port={ca_port} pva_port={pva_port} pva_udp_port={pva_bcast} dm_url={dm_url}",
+          flush=True)
     log.info("serving %d PVs with prefix %s (CA %d, PVA %d), DM at %s",
              len(hub.pvs), p, ca_port, pva_port, dm_url)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from typing import Any
 
 from p4p import Type, Value
@@ -18,6 +19,7 @@ from p4p.nt.common import timeStamp as timestamp_t
 from p4p.server import Server, StaticProvider
 from p4p.server.asyncio import SharedPV
 
+from .db_template import PREC
 from .hub import STATUS_COMM, Alarm, Hub, PutRejected, Writer, current_writer
 from .schema import PV, Kind
 
@@ -32,24 +34,45 @@ STREAM_TYPE = Type([
 _PVA_STATUS = {STATUS_COMM: 1}
 
 
+# display.form choices, as QSRV serves them (menuDisplayForm's order)
+FORMS = ["Default", "String", "Binary", "Decimal", "Hex", "Exponential", "Engineering"]
+
+
 def _nt(pv: PV) -> Any:
+    """The normative type QSRV serves for this PV's record (ai/longin: display, control)."""
     f = pv.field
     if f.kind in (Kind.STRING, Kind.LONGSTRING):
-        return NTScalar("s")
-    if f.kind is Kind.LONG:
-        return NTScalar("i", display=True)
-    if f.kind is Kind.DOUBLE:
-        return NTScalar("d", display=True)
+        return NTScalar("s", display=True)
+    if f.kind in (Kind.LONG, Kind.DOUBLE):
+        return NTScalar("i" if f.kind is Kind.LONG else "d", display=True, control=True, form=True)
     if f.kind in (Kind.ENUM, Kind.BUSY):
-        return NTEnum()
+        return NTEnum(display=True)
     if f.kind is Kind.TABLE:
         return NTTable(list(f.columns))
     return None
 
 
+def _metadata(pv: PV) -> dict[str, Any]:
+    """The fields of a PV's NT value that describe it rather than its value (QSRV's
+    display and control, from the record's DESC, EGU, PREC, HOPR and LOPR)."""
+    f = pv.field
+    if f.kind in (Kind.TABLE, Kind.STREAM):
+        return {}
+    meta: dict[str, Any] = {"display.description": f.desc}
+    if f.kind in (Kind.LONG, Kind.DOUBLE):
+        meta.update({"display.units": f.egu, "display.limitLow": f.low, "display.limitHigh": f.high,
+                     "display.form.choices": FORMS, "display.form.index": 0,
+                     "control.limitLow": f.low, "control.limitHigh": f.high})
+        meta["display.precision"] = PREC if f.kind is Kind.DOUBLE else 0
+    return meta
+
+
 async def _host_of(address: str) -> str:
-    """The host name of a peer address (for allow-lists written with names), looked up
-    off the event loop and given up on after a second, so no slow DNS stalls the IOC."""
+    """The host name of a peer address, as CA clients name their host: this host's name
+    for a loopback peer, else a reverse lookup off the event loop, given up on after a
+    second (the address then), so no slow DNS stalls the IOC."""
+    if address.startswith("127.") or address == "::1":
+        return socket.gethostname()
     loop = asyncio.get_running_loop()
     try:
         host, _ = await asyncio.wait_for(loop.getnameinfo((address, 0)), 1.0)
@@ -66,8 +89,7 @@ class _Handler:
 
     async def put(self, shared: SharedPV, op: Any) -> None:
         ip = op.peer().rsplit(":", 1)[0]
-        host = await _host_of(ip) if self.server.hub.access.allowed else ip
-        writer = Writer("pva", host, op.account(), ip)
+        writer = Writer("pva", await _host_of(ip), op.account(), ip)
         token = current_writer.set(writer)
         try:
             self.server.hub.check_writer(self.pv, writer)  # before the value is even read
@@ -97,6 +119,7 @@ class PvaServer:
         self.provider = StaticProvider("apsdm")
         self.shared: dict[str, SharedPV] = {}
         self.nts: dict[str, Any] = {name: _nt(pv) for name, pv in hub.pvs.items()}
+        self.metadata = {name: _metadata(pv) for name, pv in hub.pvs.items()}
         for pv in hub.pvs.values():
             handler = _Handler(self, pv) if pv.field.writable else None
             nt = self.nts[pv.name]
@@ -112,10 +135,11 @@ class PvaServer:
         self.server: Server | None = None
         hub.sinks.append(self)
 
-    def start(self) -> int:
-        """Start serving; returns the TCP port."""
+    def start(self) -> tuple[int, int]:
+        """Start serving; returns the TCP port and the UDP search port."""
         self.server = Server(providers=[self.provider], conf=self.conf, useenv=False)
-        return int(self.server.conf()["EPICS_PVAS_SERVER_PORT"])
+        conf = self.server.conf()
+        return int(conf["EPICS_PVAS_SERVER_PORT"]), int(conf["EPICS_PVAS_BROADCAST_PORT"])
 
     def stop(self) -> None:
         if self.server is not None:
@@ -141,8 +165,8 @@ class PvaServer:
             v = nt.wrap({"index": int(value), "choices": list(pv.field.enums)}, timestamp=timestamp)
         else:
             v = nt.wrap(value, timestamp=timestamp)
-        if pv.field.egu and pv.field.kind in (Kind.LONG, Kind.DOUBLE):
-            v["display.units"] = pv.field.egu
+        for key, shown in self.metadata[pv.name].items():
+            v[key] = shown
         return self._alarmed(v, alarm)
 
     def _stream_value(self, value: dict[str, Any], alarm: Alarm, timestamp: float) -> Value:

@@ -113,6 +113,8 @@ class Field:
     table: Table | None = None
     check: checks.Check | None = None
     command: str = ""
+    low: float = 0.0  # LONG, DOUBLE: display limits (LOPR, HOPR); equal: none
+    high: float = 0.0
 
     @property
     def pva_only(self) -> bool:
@@ -222,7 +224,7 @@ def _transfer_counts(rec: Record) -> tuple[Field, ...]:
 
 
 def _percent(rec: Record) -> Field:
-    return _f("Percent_RBV", D, "Percent complete", egu="%",
+    return _f("Percent_RBV", D, "Percent complete", egu="%", high=100.0,
               source=Source(rec, lambda t: round(t.percent, 2)))
 
 
@@ -303,7 +305,7 @@ STATUS = (
     _f("Message_RBV", LS, "Gateway health"),
     _f("Heartbeat_RBV", L, "Counts up every second"),
     _f("Version_RBV", S, "Gateway version"),
-    _f("LastWriter_RBV", LS, "Who wrote a command last"),
+    _f("LastWriter_RBV", LS, "Who wrote last, what, when"),
     _f("DmUrl_RBV", LS, "DM service URL"),
     _f("DmRequests_RBV", L, "DM requests made", source=of(SNAP, "requests")),
     _f("PollPeriod_RBV", D, "DM poll period", egu="s"),
