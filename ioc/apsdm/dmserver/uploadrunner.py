@@ -16,7 +16,17 @@ from pathlib import Path
 from apsdm.dm.paths import relative_path
 
 from .common import flag
-from .copying import CopyAborted, SourceChanged, TransferFailed, copy_file, describe, list_files
+from .copying import (
+    CopyAborted,
+    SourceChanged,
+    Staged,
+    TransferFailed,
+    commit,
+    describe,
+    discard,
+    list_files,
+    stage_file,
+)
 from .transfer import ERROR, WAITING, Transfer
 
 
@@ -31,9 +41,10 @@ async def run_upload(transfer: Transfer) -> None:
         if doc["processingMode"] == "directory":
             await _copy_tree(transfer, sorted(files), reprocess)
         else:
-            for rel in sorted(files):
-                if not await transfer.copy(rel, skip_copied=not reprocess):
-                    transfer.set_state(rel, ERROR, "changed while it was being copied")
+            changed = await transfer.copy_all([(rel, None) for rel in sorted(files)],
+                                              skip_copied=not reprocess)
+            for rel in changed:
+                transfer.set_state(rel, ERROR, "changed while it was being copied")
     except CopyAborted:
         if transfer.stop_requested:
             transfer.finish("aborted", "stopped by stopUpload")
@@ -75,19 +86,31 @@ async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> N
 
 def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
            ) -> dict[str, tuple[int, str]]:
-    """Copy every file not yet in place into the staging tree; any failure fails the upload."""
-    copied = {}
-    for rel in files:
-        try:
-            result = copy_file(transfer.source / rel, staging / rel, transfer.abort,
-                               unless_copied_to=None if reprocess else transfer.target / rel)
-        except SourceChanged:
-            raise TransferFailed(f"{rel} changed while it was being copied") from None
-        except OSError as exc:
-            raise TransferFailed(f"{rel}: {describe(exc)}") from None
-        if result is not None:
-            copied[rel] = result
-    return copied
+    """Copy every file not yet in place into the staging tree, synced once for all; any
+    failure fails the upload."""
+    staged: dict[str, Staged] = {}
+    try:
+        for rel in files:
+            try:
+                item = stage_file(transfer.source / rel, staging / rel, transfer.abort,
+                                  unless_copied_to=None if reprocess else transfer.target / rel)
+            except SourceChanged:
+                raise TransferFailed(f"{rel} changed while it was being copied") from None
+            except OSError as exc:
+                raise TransferFailed(f"{rel}: {describe(exc)}") from None
+            if item is not None:
+                staged[rel] = item
+    except BaseException:
+        discard(staged.values())
+        raise
+    try:
+        results = commit(list(staged.values()))
+    except OSError as exc:
+        raise TransferFailed(describe(exc)) from None
+    for rel, error in zip(staged, results, strict=True):
+        if error is not None:
+            raise TransferFailed(f"{rel}: {describe(error)}")
+    return {rel: (item.size, item.md5) for rel, item in staged.items()}
 
 
 def _merge(staging: Path, transfer: Transfer, files: list[str]) -> None:
