@@ -38,11 +38,11 @@ class Catalog:
     def add_files(self, experiment: str, entries: list[tuple[str, int, str]]) -> None:
         """Catalogue copied files (path, size, md5) in one transaction; a copy of a newer
         version updates its record."""
+        old = self._store.files(experiment, [path for path, _, _ in entries])
         docs = []
         for path, size, md5 in entries:
-            old = self._store.file(experiment, path)
             docs.append({
-                "id": old["id"] if old else new_id(),
+                "id": old[path]["id"] if path in old else new_id(),
                 "fileName": PurePosixPath(path).name,
                 "experimentFilePath": path,
                 "fileSize": size,

@@ -205,6 +205,13 @@ class Store:
             raise
         self._db.execute("COMMIT")
 
+    def files(self, experiment: str, paths: list[str]) -> dict[str, Doc]:
+        """The catalogued files among some paths of an experiment, by path."""
+        marks = ",".join("?" * len(paths))
+        return {row[0]: json.loads(row[1]) for row in self._db.execute(
+            f"SELECT path, doc FROM files WHERE experiment = ? AND path IN ({marks})",
+            (experiment, *paths))}
+
     def file(self, experiment: str, path: str) -> Doc | None:
         return self._doc("SELECT doc FROM files WHERE experiment = ? AND path = ?",
                          experiment, path)

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 WAITING, DONE, ERROR = "waiting", "done", "error"
 
-CatalogEntry = tuple[str, int, str]  # experimentFilePath, size, md5
+CatalogEntry = tuple[str, int, str]  # a file's path, size, md5
 CatalogFiles = Callable[[str, list[CatalogEntry]], None]  # experiment, its new copies
 Catalogued = Callable[[str, str], bool]  # experiment, experimentFilePath -> in the catalog
 Wanted = tuple[str, FileStat | None]  # a file to copy (relative path), the version expected
@@ -56,7 +56,7 @@ PARALLEL_BATCHES = max(2, os.cpu_count() or 1)  # batches a transfer copies at o
 class _Outcome:
     """What became of each file of a batch."""
 
-    copied: list[tuple[str, Staged]] = field(default_factory=list)
+    copied: list[CatalogEntry] = field(default_factory=list)  # relative path, size, md5
     present: list[str] = field(default_factory=list)  # already in place before the batch
     changed: list[str] = field(default_factory=list)  # not the version expected: not copied
     errors: list[tuple[str, str]] = field(default_factory=list)
@@ -147,8 +147,18 @@ class Transfer:
 
     def record(self, rel: str, size: int, md5: str) -> None:
         """A file was copied: catalogue it and count it."""
-        self._catalog(self.doc["experimentName"], [(str(self._prefix / rel), size, md5)])
-        self.set_state(rel, DONE)
+        self.record_all([(rel, size, md5)])
+
+    def record_all(self, copied: Sequence[CatalogEntry]) -> None:
+        """Files (relative path, size, md5) were copied: catalogue them, one transaction per
+        BATCH_FILES, and count them."""
+        for start in range(0, len(copied), BATCH_FILES):
+            self._catalog(self.doc["experimentName"],
+                          [(str(self._prefix / rel), size, md5)
+                           for rel, size, md5 in copied[start:start + BATCH_FILES]])
+        for rel, _, _ in copied:
+            self._set(rel, DONE)
+        self._update_counters()
 
     async def found_copied(self, rel: str) -> None:
         """A file already in place (copied before a restart): count it, and catalogue it if
@@ -188,15 +198,9 @@ class Transfer:
     async def _copy_batch(self, batch: list[Wanted], skip_copied: bool) -> list[str]:
         """Copy one batch (one sync for all), then catalogue and count it in one go."""
         outcome = await asyncio.to_thread(self._stage_and_commit, batch, skip_copied)
-        if outcome.copied:
-            self._catalog(self.doc["experimentName"],
-                          [(str(self._prefix / rel), staged.size, staged.md5)
-                           for rel, staged in outcome.copied])
-        for rel, _ in outcome.copied:
-            self._set(rel, DONE)
         for rel, error in outcome.errors:
             self._set(rel, ERROR, error)
-        self._update_counters()
+        self.record_all(outcome.copied)
         for rel in outcome.present:
             await self.found_copied(rel)
         return outcome.changed
@@ -238,7 +242,7 @@ class Transfer:
             return outcome
         for (rel, item), error in zip(staged, results, strict=True):
             if error is None:
-                outcome.copied.append((rel, item))
+                outcome.copied.append((rel, item.size, item.md5))
             else:
                 outcome.errors.append((rel, describe(error)))
         return outcome

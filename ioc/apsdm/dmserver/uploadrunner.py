@@ -77,10 +77,9 @@ async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> N
         await asyncio.to_thread(_merge, staging, transfer, list(copied))
     finally:
         await asyncio.to_thread(shutil.rmtree, staging, True)
+    transfer.record_all([(rel, *copied[rel]) for rel in files if rel in copied])
     for rel in files:
-        if rel in copied:
-            transfer.record(rel, *copied[rel])
-        else:
+        if rel not in copied:
             await transfer.found_copied(rel)
 
 
