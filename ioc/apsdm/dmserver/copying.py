@@ -136,11 +136,10 @@ def _create(path: Path) -> int:
 
 def _copy_data(fin: int, fout: int, size_hint: int, abort: threading.Event, src: Path
                ) -> tuple[int, str]:
-    """Copy the rest of fin to fout in one read pass that also feeds the md5; large files
-    have their writeback started as they go, so the batch's sync finds little left to do."""
+    """Copy fin to fout in one read pass that also feeds the md5; return (size, md5)."""
     digest = hashlib.md5(usedforsecurity=False)
     view = memoryview(bytearray(min(_CHUNK, size_hint + 1)))
-    size = flushed = 0
+    size = 0
     while n := os.readv(fin, [view]):
         if abort.is_set():
             raise CopyAborted(str(src))
@@ -149,9 +148,6 @@ def _copy_data(fin: int, fout: int, size_hint: int, abort: threading.Event, src:
         while written < n:
             written += os.write(fout, view[written:n])
         size += n
-        if size - flushed >= _WRITEBACK_STEP:
-            _start_writeback(fout, flushed, size - flushed)
-            flushed = size
         if size >= size_hint:  # all it held when opened: growth shows in the version check
             break
     return size, digest.hexdigest()
@@ -207,18 +203,6 @@ def fsync_dir(directory: Path) -> None:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
-_sync_file_range = getattr(_libc, "sync_file_range", None)
-if _sync_file_range is not None:
-    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; do not wait
-_WRITEBACK_STEP = 32 << 20
-
-
-def _start_writeback(fd: int, offset: int, length: int) -> None:
-    """Have the kernel start writing a range out now (best effort: the batch's sync is what
-    makes it durable)."""
-    if _sync_file_range is not None:
-        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
 
 
 def _sync_file_systems(directories: set[Path]) -> None:
