@@ -24,10 +24,11 @@ from .copying import (
     commit,
     describe,
     discard,
+    fsync_dir,
     list_files,
     stage_file,
 )
-from .transfer import ERROR, WAITING, Transfer
+from .transfer import ERROR, PARALLEL_BATCHES, WAITING, Transfer
 
 
 async def run_upload(transfer: Transfer) -> None:
@@ -70,23 +71,33 @@ def _files(transfer: Transfer) -> list[str]:
 
 
 async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> None:
-    """Directory mode: all files into a staging tree, then all moved into place at once."""
+    """Directory mode: all files into a staging tree (a few threads at once), synced once,
+    then all moved into place."""
     staging = transfer.target / f".dm-staging-{transfer.id}"
+    parts = [files[i::PARALLEL_BATCHES] for i in range(PARALLEL_BATCHES)]
     try:
-        copied = await asyncio.to_thread(_stage, transfer, files, staging, reprocess)
-        await asyncio.to_thread(_merge, staging, transfer, list(copied))
+        results = await asyncio.gather(
+            *(asyncio.to_thread(_stage, transfer, part, staging, reprocess) for part in parts),
+            return_exceptions=True)
+        staged = {rel: item for result in results if isinstance(result, dict)
+                  for rel, item in result.items()}
+        if failed := next((r for r in results if isinstance(r, BaseException)), None):
+            discard(staged.values())
+            raise failed
+        await asyncio.to_thread(_commit, staged)
+        await asyncio.to_thread(_merge, staging, transfer, list(staged))
     finally:
         await asyncio.to_thread(shutil.rmtree, staging, True)
-    transfer.record_all([(rel, *copied[rel]) for rel in files if rel in copied])
+    transfer.record_all([(rel, staged[rel].size, staged[rel].md5)
+                         for rel in files if rel in staged])
     for rel in files:
-        if rel not in copied:
+        if rel not in staged:
             await transfer.found_copied(rel)
 
 
 def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
-           ) -> dict[str, tuple[int, str]]:
-    """Copy every file not yet in place into the staging tree, synced once for all; any
-    failure fails the upload."""
+           ) -> dict[str, Staged]:
+    """Copy the files not yet in place into the staging tree; any failure fails the upload."""
     staged: dict[str, Staged] = {}
     try:
         for rel in files:
@@ -102,6 +113,11 @@ def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
     except BaseException:
         discard(staged.values())
         raise
+    return staged
+
+
+def _commit(staged: dict[str, Staged]) -> None:
+    """Sync the staged copies once and give them their staging names."""
     try:
         results = commit(list(staged.values()))
     except OSError as exc:
@@ -109,17 +125,26 @@ def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
     for rel, error in zip(staged, results, strict=True):
         if error is not None:
             raise TransferFailed(f"{rel}: {describe(error)}")
-    return {rel: (item.size, item.md5) for rel, item in staged.items()}
 
 
 def _merge(staging: Path, transfer: Transfer, files: list[str]) -> None:
-    """Move staged files to their final names (renames within one file system)."""
+    """Move staged files to their final names (renames within one file system), then make
+    the names durable (one fsync per directory)."""
+    directories: set[Path] = set()
     for rel in files:
         final = transfer.target / rel
-        if transfer.leaves_storage(final):
-            raise TransferFailed(f"{final.parent} leads out of the experiment directory")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.parent not in directories:
+                if transfer.leaves_storage(final):
+                    raise TransferFailed(
+                        f"{final.parent} leads out of the experiment directory")
+                final.parent.mkdir(parents=True, exist_ok=True)
+                directories.add(final.parent)
             os.replace(staging / rel, final)
         except OSError as exc:
             raise TransferFailed(f"cannot move {rel} into place: {describe(exc)}") from None
+    try:
+        for directory in directories:
+            fsync_dir(directory)
+    except OSError as exc:
+        raise TransferFailed(f"cannot make the names durable: {describe(exc)}") from None
