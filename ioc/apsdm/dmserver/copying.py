@@ -167,11 +167,7 @@ def commit(staged: Sequence[Staged]) -> list[OSError | None]:
     """
     if not staged:
         return []
-    try:
-        _sync_file_systems({item.tmp.parent for item in staged})
-    except OSError:
-        discard(staged)
-        raise
+    sync_staged(staged)
     outcome: list[OSError | None] = []
     renamed_into: set[Path] = set()
     for item in staged:
@@ -190,6 +186,16 @@ def commit(staged: Sequence[Staged]) -> list[OSError | None]:
             failed_dirs[directory] = exc
     return [error or failed_dirs.get(item.dst.parent)
             for item, error in zip(staged, outcome, strict=True)]
+
+
+def sync_staged(staged: Sequence[Staged]) -> None:
+    """Put staged copies' data on disk (one sync of their file systems); if that fails,
+    remove them and raise."""
+    try:
+        _sync_file_systems({item.tmp.parent for item in staged})
+    except OSError:
+        discard(staged)
+        raise
 
 
 def fsync_dir(directory: Path) -> None:

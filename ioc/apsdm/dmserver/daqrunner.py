@@ -38,7 +38,7 @@ class DaqRunner:
         self._wake = asyncio.Event()
         self._stop_at: float | None = None
 
-    def notify(self, path: str | None, closed: bool = False) -> None:
+    def notify(self, path: str | None, closed: bool) -> None:
         """A watch event: a file that changed (``closed``: its writer is done with it), or
         None when a whole directory appeared."""
         if path is None:
@@ -132,7 +132,7 @@ class DaqRunner:
                 if rel not in self._processed and not self._existing and ctime < self._started:
                     continue  # untouched since before the DAQ started
                 self.transfer.set_state(rel, WAITING)
-            if seen is None or seen[0] != version:
+            if seen is None or seen[0] != version or rel in closed:
                 # closed by its writer, or untouched for STABLE_SECONDS already (by the clock
                 # of its last change) when first seen: no need to watch it settle
                 age = time.time() - max(version[1] / 1e9, ctime)

@@ -21,12 +21,12 @@ from .copying import (
     SourceChanged,
     Staged,
     TransferFailed,
-    commit,
     describe,
     discard,
     fsync_dir,
     list_files,
     stage_file,
+    sync_staged,
 )
 from .transfer import ERROR, PARALLEL_BATCHES, WAITING, Transfer
 
@@ -72,7 +72,7 @@ def _files(transfer: Transfer) -> list[str]:
 
 async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> None:
     """Directory mode: all files into a staging tree (a few threads at once), synced once,
-    then all moved into place."""
+    then all moved into place; nothing is counted before every file is there."""
     staging = transfer.target / f".dm-staging-{transfer.id}"
     parts = [files[i::PARALLEL_BATCHES] for i in range(PARALLEL_BATCHES)]
     try:
@@ -84,8 +84,7 @@ async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> N
         if failed := next((r for r in results if isinstance(r, BaseException)), None):
             discard(staged.values())
             raise failed
-        await asyncio.to_thread(_commit, staged)
-        await asyncio.to_thread(_merge, staging, transfer, list(staged))
+        await asyncio.to_thread(_merge, transfer, staged)
     finally:
         await asyncio.to_thread(shutil.rmtree, staging, True)
     transfer.record_all([(rel, staged[rel].size, staged[rel].md5)
@@ -116,22 +115,15 @@ def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
     return staged
 
 
-def _commit(staged: dict[str, Staged]) -> None:
-    """Sync the staged copies once and give them their staging names."""
+def _merge(transfer: Transfer, staged: dict[str, Staged]) -> None:
+    """Sync the staged copies once, move them to their final names (renames within one file
+    system), then make the names durable (one fsync per directory)."""
     try:
-        results = commit(list(staged.values()))
+        sync_staged(list(staged.values()))
     except OSError as exc:
         raise TransferFailed(describe(exc)) from None
-    for rel, error in zip(staged, results, strict=True):
-        if error is not None:
-            raise TransferFailed(f"{rel}: {describe(error)}")
-
-
-def _merge(staging: Path, transfer: Transfer, files: list[str]) -> None:
-    """Move staged files to their final names (renames within one file system), then make
-    the names durable (one fsync per directory)."""
     directories: set[Path] = set()
-    for rel in files:
+    for rel, item in staged.items():
         final = transfer.target / rel
         try:
             if final.parent not in directories:
@@ -140,7 +132,7 @@ def _merge(staging: Path, transfer: Transfer, files: list[str]) -> None:
                         f"{final.parent} leads out of the experiment directory")
                 final.parent.mkdir(parents=True, exist_ok=True)
                 directories.add(final.parent)
-            os.replace(staging / rel, final)
+            os.replace(item.tmp, final)
         except OSError as exc:
             raise TransferFailed(f"cannot move {rel} into place: {describe(exc)}") from None
     try:

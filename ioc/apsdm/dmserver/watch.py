@@ -1,8 +1,8 @@
 """Watching DAQ trees: one watchdog (inotify) observer whose events reach the DAQs on the loop.
 
-Events say where to look, and whether a writer closed the file (inotify's IN_CLOSE_WRITE, or
-a rename into the tree), so it need not settle; a DAQ still rescans its whole tree every RESCAN_SECONDS
-(POLL_SECONDS where the tree cannot be watched) to catch anything they missed.
+Events say where to look, and whether a writer closed the file (inotify's IN_CLOSE_WRITE,
+or a rename into the tree), so it need not settle; a DAQ still rescans its whole tree every
+RESCAN_SECONDS (POLL_SECONDS where the tree cannot be watched) to catch what they missed.
 """
 
 from __future__ import annotations
