@@ -60,7 +60,9 @@ class Case:
     nbytes: int
 
     def rate(self, seconds: float) -> str:
-        return f"{self.files / seconds:,.0f} files/s, {self.nbytes / seconds / 1e6:,.1f} MB/s"
+        files = self.files / seconds
+        return (f"{files:,.0f}" if files >= 10 else f"{files:.2f}") + (
+            f" files/s, {self.nbytes / seconds / 1e6:,.1f} MB/s")
 
 
 def make_small(root: Path, count: int) -> Case:
