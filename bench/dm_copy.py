@@ -35,6 +35,8 @@ LATENCY_FILES = int(os.environ.get("BENCH_LATENCY_FILES", 200))
 SMALL_SIZE = 4096
 RSYNC = shutil.which("rsync")
 
+Commands = Callable[[Path], list[list[str]]]  # the commands of a reference, given its destination
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -83,18 +85,16 @@ def make_big(root: Path) -> Case:
     return Case(f"1 x {BIG_BYTES >> 20} MiB", root, 1, BIG_BYTES >> 20 << 20)
 
 
-def timed_command(commands: Callable[[Path], list[list[str]]], scratch: Path) -> Timing:
-    """Run commands (given a fresh destination) REPEATS times after a sync; time each run."""
-    runs = []
-    for i in range(REPEATS):
-        dest = scratch / f"ref-{i}"
-        subprocess.run(["sync"], check=True)
-        t0 = time.perf_counter()
-        for command in commands(dest):
-            subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-        runs.append(time.perf_counter() - t0)
-        shutil.rmtree(dest, ignore_errors=True)
-    return Timing(tuple(runs))
+def run_commands(commands: Commands, scratch: Path) -> float:
+    """Run commands (given a fresh destination) after a sync; return the seconds taken."""
+    dest = scratch / "reference"
+    subprocess.run(["sync"], check=True)
+    t0 = time.perf_counter()
+    for command in commands(dest):
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(dest, ignore_errors=True)
+    return elapsed
 
 
 async def until(check: Callable[[], Awaitable[bool]], timeout: float = 3600,
@@ -153,13 +153,6 @@ class Bench:
         shutil.rmtree(self.storage / dest)
         return elapsed
 
-    async def repeated(self, run: Callable[[], Awaitable[float]]) -> Timing:
-        runs = []
-        for _ in range(DM_REPEATS):
-            subprocess.run(["sync"], check=True)
-            runs.append(await run())
-        return Timing(tuple(runs))
-
     async def latency(self) -> list[float]:
         """Seconds from each file's close to DM counting it, files written one at a time."""
         src = self.scratch / "latency"
@@ -184,17 +177,14 @@ def ratios(dm: Timing, refs: dict[str, Timing | None]) -> str:
                      for name, ref in refs.items() if ref is not None)
 
 
-def references(case: Case) -> dict[str, Timing | None]:
+def references(case: Case) -> dict[str, Commands | None]:
     src = str(case.tree)
-    refs: dict[str, Timing | None] = {
-        "cp -r + sync": timed_command(lambda d: [["cp", "-r", src, str(d)], ["sync"]],
-                                      case.tree.parent),
-        "rsync -a": None if RSYNC is None else timed_command(
-            lambda d: [[RSYNC, "-a", f"{src}/", str(d)]], case.tree.parent),
+    refs: dict[str, Commands | None] = {
+        "cp -r + sync": lambda d: [["cp", "-r", src, str(d)], ["sync"]],
+        "rsync -a": None if RSYNC is None else lambda d: [[RSYNC, "-a", f"{src}/", str(d)]],
     }
     if case.files == 1:
-        refs["md5sum"] = timed_command(lambda d: [["md5sum", *map(str, case.tree.iterdir())]],
-                                       case.tree.parent)
+        refs["md5sum"] = lambda d: [["md5sum", *map(str, case.tree.iterdir())]]
     return refs
 
 
@@ -213,14 +203,30 @@ def rsync_per_file(case: Case) -> float:
 
 
 async def measure(bench: Bench, case: Case) -> None:
-    refs = references(case)
-    daq = await bench.repeated(lambda: bench.daq(case))
-    up_dir = await bench.repeated(lambda: bench.upload(case, "directory"))
-    up_files = await bench.repeated(lambda: bench.upload(case, "files"))
+    """Each reference and each DM case, their runs interleaved so load on the machine
+    falls on all of them alike."""
+    commands = references(case)
+    available = {name: c for name, c in commands.items() if c is not None}
+    ref_runs: dict[str, list[float]] = {name: [] for name in available}
+    dm_cases: dict[str, Callable[[], Awaitable[float]]] = {
+        "DAQ": lambda: bench.daq(case),
+        "upload, directory mode": lambda: bench.upload(case, "directory"),
+        "upload, file mode": lambda: bench.upload(case, "files")}
+    dm_runs: dict[str, list[float]] = {name: [] for name in dm_cases}
+    for i in range(max(REPEATS, DM_REPEATS)):
+        for name, reference in available.items():
+            if i < REPEATS:
+                ref_runs[name].append(run_commands(reference, case.tree.parent))
+        for name, run in dm_cases.items():
+            if i < DM_REPEATS:
+                subprocess.run(["sync"], check=True)
+                dm_runs[name].append(await run())
+    refs: dict[str, Timing | None] = {
+        name: Timing(tuple(ref_runs[name])) if name in ref_runs else None for name in commands}
+    daq, up_dir, up_files = (Timing(tuple(dm_runs[name])) for name in dm_cases)
     print(f"{case.name} ({case.nbytes / 1e6:,.1f} MB); references: " + ", ".join(
         f"{name} {ref}" if ref else f"{name} absent" for name, ref in refs.items()))
-    for what, timing in (("DAQ", daq), ("upload, directory mode", up_dir),
-                         ("upload, file mode", up_files)):
+    for what, timing in zip(dm_cases, (daq, up_dir, up_files), strict=True):
         print(f"  {what:<22} {timing}; {case.rate(timing.median)}; {ratios(timing, refs)}")
     if case.files == 1:
         slower = max(refs["cp -r + sync"].median, refs["md5sum"].median)  # type: ignore[union-attr]

@@ -120,10 +120,11 @@ class DaqRunner:
                  closed: set[str]) -> None:
         """Start or restart the stability clock of every new or changed file; a closed one
         is settled already."""
-        now = time.monotonic()
+        now, wall = time.monotonic(), time.time()
         for rel in checked - found.keys():
             if self._waiting.pop(rel, None) is not None:
                 self.transfer.forget(rel)
+        new: list[str] = []
         for rel, (version, ctime) in found.items():
             if self._processed.get(rel) == version:
                 continue
@@ -131,13 +132,14 @@ class DaqRunner:
             if seen is None:
                 if rel not in self._processed and not self._existing and ctime < self._started:
                     continue  # untouched since before the DAQ started
-                self.transfer.set_state(rel, WAITING)
+                new.append(rel)
             if seen is None or seen[0] != version or rel in closed:
                 # closed by its writer, or untouched for STABLE_SECONDS already (by the clock
                 # of its last change) when first seen: no need to watch it settle
-                age = time.time() - max(version[1] / 1e9, ctime)
+                age = wall - max(version[1] / 1e9, ctime)
                 settled = rel in closed or (seen is None and age >= STABLE_SECONDS)
                 self._waiting[rel] = (version, now - STABLE_SECONDS if settled else now)
+        self.transfer.set_states(new, WAITING)
 
     async def _copy_stable(self) -> None:
         now = time.monotonic()

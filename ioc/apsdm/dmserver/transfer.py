@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -122,6 +122,12 @@ class Transfer:
 
     def set_state(self, rel: str, state: str, error: str = "") -> None:
         self._set(rel, state, error)
+        self._update_counters()
+
+    def set_states(self, rels: Iterable[str], state: str) -> None:
+        """Put many files in one state, publishing the counters once."""
+        for rel in rels:
+            self._set(rel, state)
         self._update_counters()
 
     def _set(self, rel: str, state: str, error: str = "") -> None:
