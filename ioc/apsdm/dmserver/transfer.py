@@ -49,7 +49,7 @@ Wanted = tuple[str, FileStat | None]  # a file to copy (relative path), the vers
 
 BATCH_FILES = 256  # files a batch commits with one sync and one catalog transaction
 BATCH_BYTES = 64 << 20  # and the bytes it may hold, so a sync never waits on too much data
-PARALLEL_BATCHES = max(2, os.cpu_count() or 1)  # batches a transfer copies at once
+PARALLEL_BATCHES = min(8, max(2, os.cpu_count() or 1))  # batches a transfer copies at once
 
 
 @dataclass
