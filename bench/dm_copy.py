@@ -1,96 +1,287 @@
-"""Embedded DM service copy speed, as ratios to ``cp -r`` of the same data in the same run:
-a DAQ receiving 2,000 small files and one 1 GiB file, and directory- vs file-mode uploads."""
+"""Embedded DM service copy speed, as ratios to ``cp -r`` + ``sync`` and to ``rsync -a`` of the
+same data in the same run: DAQs and uploads of many small files and of one large file,
+file-mode uploads against ``rsync`` per file, and the latency from a file's close to its count.
+
+The service runs as its own process (``apsdm-server``), as in production. References are
+medians of BENCH_REPEATS runs, DM figures of BENCH_DM_REPEATS; each is printed with its
+spread (min-max). Sizes: BENCH_SMALL_FILES (comma-separated counts of 4 KiB files,
+default 2000,20000), BENCH_BIG_BYTES (default 1 GiB).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import datetime
 import os
 import shutil
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from apsdm.dm import DmClient, DmConfig
-from apsdm.dmserver import start_service
 
-SMALL_FILES = int(os.environ.get("BENCH_SMALL_FILES", 2000))
+SMALL_COUNTS = [int(n) for n in os.environ.get("BENCH_SMALL_FILES", "2000,20000").split(",")]
 BIG_BYTES = int(os.environ.get("BENCH_BIG_BYTES", 1 << 30))
+REPEATS = int(os.environ.get("BENCH_REPEATS", 5))
+DM_REPEATS = int(os.environ.get("BENCH_DM_REPEATS", 3))
+RSYNC_PER_FILE = int(os.environ.get("BENCH_RSYNC_PER_FILE", 200))  # files timed, rate scaled
+LATENCY_FILES = int(os.environ.get("BENCH_LATENCY_FILES", 200))
+SMALL_SIZE = 4096
+RSYNC = shutil.which("rsync")
+
+Commands = Callable[[Path], list[list[str]]]  # the commands of a reference, given its destination
 
 
-def make_small(root: Path) -> None:
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of repeated runs: their median and spread."""
+
+    runs: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.runs)
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} s ({min(self.runs):.3f}-{max(self.runs):.3f}, n={len(self.runs)})"
+
+
+@dataclass(frozen=True)
+class Case:
+    """A data set: its tree, file count and bytes."""
+
+    name: str
+    tree: Path
+    files: int
+    nbytes: int
+
+    def rate(self, seconds: float) -> str:
+        files = self.files / seconds
+        return (f"{files:,.0f}" if files >= 10 else f"{files:.2f}") + (
+            f" files/s, {self.nbytes / seconds / 1e6:,.1f} MB/s")
+
+
+def make_small(root: Path, count: int) -> Case:
+    for i in range(count):
+        sub = root / f"scan{i // 1000:03d}"
+        if i % 1000 == 0:
+            sub.mkdir(parents=True)
+        (sub / f"f{i:06d}.dat").write_bytes(os.urandom(SMALL_SIZE))
+    return Case(f"{count:,} x 4 KiB", root, count, count * SMALL_SIZE)
+
+
+def make_big(root: Path) -> Case:
     root.mkdir(parents=True)
-    for i in range(SMALL_FILES):
-        (root / f"f{i:05d}.dat").write_bytes(os.urandom(4096))
-
-
-def make_big(root: Path) -> None:
-    root.mkdir(parents=True)
+    chunk = os.urandom(1 << 20)
     with (root / "big.bin").open("wb") as fh:
-        chunk = os.urandom(1 << 20)
         for _ in range(BIG_BYTES >> 20):
             fh.write(chunk)
+    return Case(f"1 x {BIG_BYTES >> 20} MiB", root, 1, BIG_BYTES >> 20 << 20)
 
 
-def cp_seconds(src: Path, dest: Path) -> float:
+def run_commands(commands: Commands, scratch: Path) -> float:
+    """Run commands (given a fresh destination) after a sync; return the seconds taken."""
+    dest = scratch / "reference"
+    subprocess.run(["sync"], check=True)
     t0 = time.perf_counter()
-    subprocess.run(["cp", "-r", str(src), str(dest)], check=True)
-    return time.perf_counter() - t0
+    for command in commands(dest):
+        subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - t0
+    shutil.rmtree(dest, ignore_errors=True)
+    return elapsed
 
 
-async def until(check, timeout: float = 3600) -> None:  # type: ignore[no-untyped-def]
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 3600,
+                pause: float = 0.02) -> None:
     deadline = time.monotonic() + timeout
     while not await check():
         if time.monotonic() > deadline:
             raise TimeoutError
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(pause)
 
 
-async def daq_seconds(dm: DmClient, exp: str, src: Path, n: int) -> float:
-    """Time from DAQ start (existing files processed) until n files are copied."""
+class Bench:
+    """One DM service and one experiment, and the runs made against them."""
+
+    def __init__(self, dm: DmClient, storage: Path, scratch: Path) -> None:
+        self.dm = dm
+        self.storage = storage
+        self.scratch = scratch
+        self._runs = 0
+
+    def _dest(self) -> str:
+        self._runs += 1
+        return f"run{self._runs}"
+
+    async def daq(self, case: Case) -> float:
+        """From DAQ start (existing files processed) until every file is counted."""
+        dest = self._dest()
+        t0 = time.perf_counter()
+        daq = await self.dm.start_daq("bench", str(case.tree), destDirectory=dest,
+                                      processExistingFiles=True)
+
+        async def done() -> bool:
+            return (await self.dm.get_daq(daq.id)).n_processed >= case.files
+        await until(done)
+        elapsed = time.perf_counter() - t0
+        await self.dm.stop_daq("bench", str(case.tree))
+        await until(lambda: self._daq_ended(daq.id))
+        shutil.rmtree(self.storage / dest)
+        return elapsed
+
+    async def _daq_ended(self, id: str) -> bool:
+        return (await self.dm.get_daq(id)).status not in ("pending", "running")
+
+    async def upload(self, case: Case, mode: str) -> float:
+        dest = self._dest()
+        t0 = time.perf_counter()
+        up = await self.dm.upload("bench", str(case.tree), destDirectory=dest,
+                                  processingMode=mode)
+
+        async def done() -> bool:
+            return (await self.dm.get_upload(up.id)).finished
+        await until(done)
+        elapsed = time.perf_counter() - t0
+        final = await self.dm.get_upload(up.id)
+        assert final.n_processed == case.files, f"upload {final.status}: {final.message}"
+        shutil.rmtree(self.storage / dest)
+        return elapsed
+
+    async def latency(self) -> list[float]:
+        """Seconds from each file's close to DM counting it, files written one at a time."""
+        src = self.scratch / "latency"
+        src.mkdir()
+        daq = await self.dm.start_daq("bench", str(src), destDirectory=self._dest())
+        await asyncio.sleep(1.0)  # let the DAQ set up its watch
+        latencies = []
+        for i in range(LATENCY_FILES):
+            (src / f"f{i:05d}.dat").write_bytes(os.urandom(SMALL_SIZE))
+            closed = time.perf_counter()
+
+            async def counted(n: int = i + 1) -> bool:
+                return (await self.dm.get_daq(daq.id)).n_processed >= n
+            await until(counted, 60, pause=0.002)
+            latencies.append(time.perf_counter() - closed)
+        await self.dm.stop_daq("bench", str(src))
+        return latencies
+
+
+def ratios(dm: Timing, refs: dict[str, Timing | None]) -> str:
+    return ", ".join(f"{dm.median / ref.median:.2f}x {name}"
+                     for name, ref in refs.items() if ref is not None)
+
+
+def references(case: Case) -> dict[str, Commands | None]:
+    src = str(case.tree)
+    refs: dict[str, Commands | None] = {
+        "cp -r + sync": lambda d: [["cp", "-r", src, str(d)], ["sync"]],
+        "rsync -a": None if RSYNC is None else lambda d: [[RSYNC, "-a", f"{src}/", str(d)]],
+    }
+    if case.files == 1:
+        refs["md5sum"] = lambda d: [["md5sum", *map(str, case.tree.iterdir())]]
+    return refs
+
+
+def rsync_per_file(case: Case) -> float:
+    """Seconds per file of one ``rsync -a`` per file (as DM's file mode moves files)."""
+    assert RSYNC is not None
+    files = sorted(p for p in case.tree.rglob("*") if p.is_file())[:RSYNC_PER_FILE]
+    dest = case.tree.parent / "rsync-per-file"
+    dest.mkdir()
     t0 = time.perf_counter()
-    daq = await dm.start_daq(exp, str(src), destDirectory=src.name, processExistingFiles=True)
-
-    async def done() -> bool:
-        return (await dm.get_daq(daq.id)).n_processed >= n
-    await until(done)
+    for path in files:
+        subprocess.run([RSYNC, "-a", str(path), str(dest / path.name)], check=True)
     elapsed = time.perf_counter() - t0
-    await dm.stop_daq(exp, str(src))
-    return elapsed
+    shutil.rmtree(dest)
+    return elapsed / len(files)
 
 
-async def upload_seconds(dm: DmClient, exp: str, src: Path, mode: str) -> float:
-    t0 = time.perf_counter()
-    up = await dm.upload(exp, str(src), destDirectory=f"{src.name}-{mode}", processingMode=mode)
+async def measure(bench: Bench, case: Case) -> None:
+    """Each reference and each DM case, their runs interleaved so load on the machine
+    falls on all of them alike."""
+    commands = references(case)
+    available = {name: c for name, c in commands.items() if c is not None}
+    ref_runs: dict[str, list[float]] = {name: [] for name in available}
+    dm_cases: dict[str, Callable[[], Awaitable[float]]] = {
+        "DAQ": lambda: bench.daq(case),
+        "upload, directory mode": lambda: bench.upload(case, "directory"),
+        "upload, file mode": lambda: bench.upload(case, "files")}
+    dm_runs: dict[str, list[float]] = {name: [] for name in dm_cases}
+    for i in range(max(REPEATS, DM_REPEATS)):
+        for name, reference in available.items():
+            if i < REPEATS:
+                ref_runs[name].append(run_commands(reference, case.tree.parent))
+        for name, run in dm_cases.items():
+            if i < DM_REPEATS:
+                subprocess.run(["sync"], check=True)
+                dm_runs[name].append(await run())
+    refs: dict[str, Timing | None] = {
+        name: Timing(tuple(ref_runs[name])) if name in ref_runs else None for name in commands}
+    daq, up_dir, up_files = (Timing(tuple(dm_runs[name])) for name in dm_cases)
+    print(f"{case.name} ({case.nbytes / 1e6:,.1f} MB); references: " + ", ".join(
+        f"{name} {ref}" if ref else f"{name} absent" for name, ref in refs.items()))
+    for what, timing in zip(dm_cases, (daq, up_dir, up_files), strict=True):
+        print(f"  {what:<22} {timing}; {case.rate(timing.median)}; {ratios(timing, refs)}")
+    if case.files == 1:
+        slower = max(refs["cp -r + sync"].median, refs["md5sum"].median)  # type: ignore[union-attr]
+        print(f"  DAQ / slower of cp + sync and md5sum: {daq.median / slower:.2f}x "
+              "(target 1.3x)")
+    else:
+        print(f"  file mode / directory mode: {up_files.median / up_dir.median:.2f}x")
+        if RSYNC is not None:
+            per_file = rsync_per_file(case)
+            print(f"  rsync per file: {per_file * 1e3:.1f} ms/file ({RSYNC_PER_FILE} files); "
+                  f"file-mode upload is {per_file * case.files / up_files.median:.0f}x faster")
+    sys.stdout.flush()
 
-    async def done() -> bool:
-        return (await dm.get_upload(up.id)).finished
-    await until(done)
-    return time.perf_counter() - t0
+
+@contextmanager
+def dm_server(root: Path) -> Iterator[Path]:
+    """An apsdm-server process; yields its dm.setup.sh."""
+    exe = Path(sys.executable).with_name("apsdm-server")
+    proc = subprocess.Popen([str(exe), "--data-root", str(root), "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("READY"):
+            raise RuntimeError(f"apsdm-server did not start: {line!r}")
+        yield root / "dm.setup.sh"
+    finally:
+        proc.terminate()
+        proc.wait(30)
 
 
 async def run(work: Path) -> None:
-    small, big = work / "small", work / "big"
-    make_small(small)
-    make_big(big)
-    service = await start_service(work / "dm")
-    try:
-        async with DmClient(DmConfig.from_env({}, setup_file=str(service.setup_file))) as dm:
-            await dm.add_experiment("bench")
-            cp_small = cp_seconds(small, work / "cp-small")
-            daq_small = await daq_seconds(dm, "bench", small, SMALL_FILES)
-            cp_big = cp_seconds(big, work / "cp-big")
-            daq_big = await daq_seconds(dm, "bench", big, 1)
-            up_dir = await upload_seconds(dm, "bench", small, "directory")
-            up_files = await upload_seconds(dm, "bench", small, "files")
-    finally:
-        await service.stop()
-    print(f"DAQ copy, {SMALL_FILES} x 4 KiB files: {daq_small:.2f} s, cp -r {cp_small:.2f} s, "
-          f"ratio {daq_small / cp_small:.1f}x")
-    print(f"DAQ copy, one {BIG_BYTES >> 20} MiB file: {daq_big:.2f} s, cp -r {cp_big:.2f} s, "
-          f"ratio {daq_big / cp_big:.1f}x")
-    print(f"upload of {SMALL_FILES} small files: directory mode {up_dir:.2f} s, "
-          f"file mode {up_files:.2f} s, file/directory ratio {up_files / up_dir:.1f}x")
+    print(f"dm_copy, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+          f"{os.cpu_count()} CPUs; references: median of {REPEATS}, DM: median of {DM_REPEATS}"
+          + ("" if RSYNC else "; rsync absent (apt-get install rsync): its ratios are missing"))
+    with dm_server(work / "dm") as setup:
+        async with DmClient(DmConfig.from_env({}, setup_file=str(setup))) as dm:
+            exp = await dm.add_experiment("bench")
+            bench = Bench(dm, Path(exp.data_directory), work)
+            warm_up = make_small(work / "warm-up", 20)  # the service's first calls import code
+            await bench.daq(warm_up)
+            await bench.upload(warm_up, "files")
+            for count in SMALL_COUNTS:
+                case = make_small(work / f"small-{count}", count)
+                await measure(bench, case)
+                shutil.rmtree(case.tree)
+            case = make_big(work / "big")
+            await measure(bench, case)
+            shutil.rmtree(case.tree)
+            latencies = sorted(await bench.latency())
+            p50, p99 = (latencies[int(q * (len(latencies) - 1))] for q in (0.5, 0.99))
+            print(f"close-to-counted latency (DM's nProcessedFiles; the IOC adds up to one poll "
+                  f"period), {len(latencies)} files: p50 {p50 * 1e3:.0f} ms, "
+                  f"p99 {p99 * 1e3:.0f} ms")
+    print("not measured: the 200,000-file long DAQ (memory, first/last 10% rate)")
 
 
 def main() -> None:

@@ -106,8 +106,8 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
     hub = WatchHub()
     experiments = Experiments(store, data_root / "storage", station, credentials.username)
     catalog = Catalog(store, experiments.find)
-    daqs = DaqService(store, experiments.find, catalog.add_file, hub)
-    uploads = UploadService(store, experiments.find, catalog.add_file)
+    daqs = DaqService(store, experiments.find, catalog.add_files, hub)
+    uploads = UploadService(store, experiments.find, catalog.add_files)
     processing = Processing(store, data_root / "jobs")
 
     async def close_rest() -> None:

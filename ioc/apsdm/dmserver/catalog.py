@@ -35,14 +35,18 @@ class Catalog:
             raise ObjectNotFound(f"file {path} of experiment {experimentName} is not catalogued")
         return doc
 
-    def add_file(self, experiment: str, path: str, size: int, md5: str) -> None:
-        """Catalogue a copied file (a copy of a newer version updates its record)."""
-        old = self._store.file(experiment, path)
-        self._store.save_file({
-            "id": old["id"] if old else new_id(),
-            "fileName": PurePosixPath(path).name,
-            "experimentFilePath": path,
-            "fileSize": size,
-            "md5Sum": md5,
-            "experimentName": experiment,
-        })
+    def add_files(self, experiment: str, entries: list[tuple[str, int, str]]) -> None:
+        """Catalogue copied files (path, size, md5) in one transaction; a copy of a newer
+        version updates its record."""
+        old = self._store.files(experiment, [path for path, _, _ in entries])
+        docs = []
+        for path, size, md5 in entries:
+            docs.append({
+                "id": old[path]["id"] if path in old else new_id(),
+                "fileName": PurePosixPath(path).name,
+                "experimentFilePath": path,
+                "fileSize": size,
+                "md5Sum": md5,
+                "experimentName": experiment,
+            })
+        self._store.save_files(docs)

@@ -2,25 +2,31 @@
 
 A file is copied through a hidden temporary name and an atomic rename, so no partial file
 is ever visible; its size and mtime are kept, which is how a resumed transfer knows a file
-is already in place.
+is already in place. Copies are staged, then committed in batches: one sync per batch
+before the renames shares the cost of durability among its files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import itertools
 import os
 import re
 import shutil
 import stat
 import threading
-import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 _CHUNK = 1 << 20
 
 FileStat = tuple[int, int]  # (size, mtime_ns): a file's version
+
+#: suffixes of temporary names, from a random start (O_EXCL still refuses any clash)
+_tmp_numbers = itertools.count(int.from_bytes(os.urandom(4)))
 
 
 class TransferFailed(Exception):
@@ -71,46 +77,161 @@ def _is_copy_of(version: FileStat, path: Path) -> bool:
     return st.st_size == version[0] and abs(st.st_mtime_ns - version[1]) < 1_000_000
 
 
-def copy_file(src: Path, dst: Path, abort: threading.Event, expect: FileStat | None = None,
-              unless_copied_to: Path | None = None) -> tuple[int, str] | None:
-    """Copy src to dst via a hidden temporary name and an atomic rename; return (size, md5).
+@dataclass(frozen=True)
+class Staged:
+    """A copy written under its temporary name: not yet synced, renamed nor counted."""
+
+    tmp: Path
+    dst: Path
+    size: int
+    md5: str
+
+
+def stage_file(src: Path, dst: Path, abort: threading.Event, expect: FileStat | None = None,
+               unless_copied_to: Path | None = None) -> Staged | None:
+    """Copy src beside dst under a hidden temporary name, with its md5 from the same read.
 
     Returns None without copying if ``unless_copied_to`` already holds this version.
     Raises SourceChanged if the source is not version ``expect`` or changes meanwhile.
     """
     if abort.is_set():
         raise CopyAborted(str(src))
-    with open(src, "rb") as fin:
-        st = os.fstat(fin.fileno())
+    fin = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fin)
         version = file_stat(st)
         if expect is not None and version != expect:
             raise SourceChanged(str(src))
         if unless_copied_to is not None and _is_copy_of(version, unless_copied_to):
             return None
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.dmpart-{uuid.uuid4().hex[:8]}")
-        digest = hashlib.md5(usedforsecurity=False)
+        tmp = dst.with_name(f".{dst.name}.dmpart-{next(_tmp_numbers) & 0xFFFFFFFF:08x}")
+        fout = _create(tmp)
         try:
-            with open(tmp, "wb") as fout:
-                while chunk := fin.read(_CHUNK):
-                    if abort.is_set():
-                        raise CopyAborted(str(src))
-                    digest.update(chunk)
-                    fout.write(chunk)
-                fout.flush()
-                os.fsync(fout.fileno())  # a resumed transfer trusts size+mtime: make them true
-            if file_stat(os.fstat(fin.fileno())) != version:
+            try:
+                size, md5 = _copy_data(fin, fout, st.st_size, abort, src)
+                # a resumed transfer trusts size+mtime: the copy keeps both
+                os.fchmod(fout, stat.S_IMODE(st.st_mode))
+                os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(fout)
+            if file_stat(os.fstat(fin)) != version:
                 raise SourceChanged(str(src))
-            os.chmod(tmp, stat.S_IMODE(st.st_mode))
-            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-            os.replace(tmp, dst)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-    return version[0], digest.hexdigest()
+    finally:
+        os.close(fin)
+    return Staged(tmp, dst, size, md5)
 
 
-#: names of copy_file's temporary files and of directory-mode uploads' staging trees
+def _create(path: Path) -> int:
+    """Create a new file for writing, and its directories if they are missing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    try:
+        return os.open(path, flags, 0o600)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, flags, 0o600)
+
+
+def _copy_data(fin: int, fout: int, size_hint: int, abort: threading.Event, src: Path
+               ) -> tuple[int, str]:
+    """Copy fin to fout in one read pass that also feeds the md5; return (size, md5)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    view = memoryview(bytearray(min(_CHUNK, size_hint + 1)))
+    size = 0
+    while n := os.readv(fin, [view]):
+        if abort.is_set():
+            raise CopyAborted(str(src))
+        digest.update(view[:n])
+        written = 0
+        while written < n:
+            written += os.write(fout, view[written:n])
+        size += n
+        if size >= size_hint:  # all it held when opened: growth shows in the version check
+            break
+    return size, digest.hexdigest()
+
+
+def discard(staged: Iterable[Staged]) -> None:
+    """Remove copies staged but not committed (their batch was aborted or failed)."""
+    for item in staged:
+        item.tmp.unlink(missing_ok=True)
+
+
+def commit(staged: Sequence[Staged]) -> list[OSError | None]:
+    """Make a batch of staged copies durable, then visible: one sync of their file systems,
+    the renames, then one fsync per directory that received names; per file, its failure.
+
+    A failed sync fails (and removes) the whole batch: nothing in it counts as copied.
+    """
+    if not staged:
+        return []
+    sync_staged(staged)
+    outcome: list[OSError | None] = []
+    renamed_into: set[Path] = set()
+    for item in staged:
+        try:
+            os.replace(item.tmp, item.dst)
+            outcome.append(None)
+            renamed_into.add(item.dst.parent)
+        except OSError as exc:
+            item.tmp.unlink(missing_ok=True)
+            outcome.append(exc)
+    failed_dirs: dict[Path, OSError] = {}
+    for directory in renamed_into:
+        try:
+            fsync_dir(directory)
+        except OSError as exc:
+            failed_dirs[directory] = exc
+    return [error or failed_dirs.get(item.dst.parent)
+            for item, error in zip(staged, outcome, strict=True)]
+
+
+def sync_staged(staged: Sequence[Staged]) -> None:
+    """Put staged copies' data on disk (one sync of their file systems); if that fails,
+    remove them and raise."""
+    try:
+        _sync_file_systems({item.tmp.parent for item in staged})
+    except OSError:
+        discard(staged)
+        raise
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make the names in a directory durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syncfs = getattr(_libc, "syncfs", None)
+
+
+def _sync_file_systems(directories: set[Path]) -> None:
+    """Write out every dirty page of the file systems holding these directories: one syncfs
+    per file system (its errors, ENOSPC or EIO, fail the call); plain sync where it is missing."""
+    if _syncfs is None:
+        os.sync()
+        return
+    devices: set[int] = set()
+    for directory in directories:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            device = os.fstat(fd).st_dev
+            if device not in devices:
+                devices.add(device)
+                if _syncfs(fd) != 0:
+                    errno = ctypes.get_errno()
+                    raise OSError(errno, os.strerror(errno), str(directory))
+        finally:
+            os.close(fd)
+
+
+#: names of stage_file's temporary files and of directory-mode uploads' staging trees
 _LEFTOVER = re.compile(r"\..+\.dmpart-[0-9a-f]{8}|\.dm-staging-[0-9a-f-]{36}")
 
 

@@ -16,7 +16,7 @@ from .common import FindExperiment, existing_directory, flag, local_directory
 from .daqrunner import DaqRunner
 from .filters import file_filter
 from .store import Doc, Store
-from .transfer import CatalogFile, Transfer, TransferService
+from .transfer import CatalogFiles, Transfer, TransferService
 from .uploadrunner import run_upload
 from .watch import WatchHub
 
@@ -30,7 +30,7 @@ class DaqService(TransferService):
 
     kind = "daq"
 
-    def __init__(self, store: Store, find_experiment: FindExperiment, catalog: CatalogFile,
+    def __init__(self, store: Store, find_experiment: FindExperiment, catalog: CatalogFiles,
                  hub: WatchHub) -> None:
         super().__init__(store, find_experiment, catalog)
         self._hub = hub

@@ -1,5 +1,8 @@
 """The DAQ runner: one DAQ's passes over its tree (the files watch events named, or all of it
-at a rescan), a stability clock per file, and parallel copies of the files that settled."""
+at a rescan), a stability clock per file, and batched copies of the files that settled.
+
+A file its writer closed (inotify's close-after-write, or a rename into the tree) is settled
+at once; the clock only guards files found without such an event (polling, rescans)."""
 
 from __future__ import annotations
 
@@ -14,8 +17,7 @@ from .copying import CopyAborted, FileStat, file_stat, list_files
 from .transfer import ERROR, WAITING, Transfer
 from .watch import POLL_SECONDS, RESCAN_SECONDS, WatchHub
 
-STABLE_SECONDS = 0.5  # a DAQ copies a file once its size and mtime stayed unchanged this long
-PARALLEL_COPIES = 4  # files a DAQ copies at once (many small files are latency-bound)
+STABLE_SECONDS = 0.5  # a file not seen closed is copied once unchanged this long
 TICK_SECONDS = 0.1  # shortest pause between two passes of a DAQ (coalesces bursts of events)
 DRAIN_SECONDS = 30.0  # stopDaq waits at most this long for files that are still changing
 
@@ -31,18 +33,22 @@ class DaqRunner:
         self._processed: dict[str, FileStat] = {}  # the version each file was handled at
         self._waiting: dict[str, tuple[FileStat, float]] = {}  # version seen, unchanged since
         self._dirty: set[str] = set()  # paths named by watch events since the last pass
+        self._closed: set[str] = set()  # of those, the ones their writer closed
         self._rescan = True
         self._wake = asyncio.Event()
         self._stop_at: float | None = None
 
-    def notify(self, path: str | None) -> None:
-        """A watch event: a file that changed, or None when a whole directory appeared."""
+    def notify(self, path: str | None, closed: bool) -> None:
+        """A watch event: a file that changed (``closed``: its writer is done with it), or
+        None when a whole directory appeared."""
         if path is None:
             self._rescan = True
         else:
             rel = os.path.relpath(path, self.transfer.source)
             if not rel.startswith("..") and self.transfer.wanted(rel):
                 self._dirty.add(rel)
+                if closed:
+                    self._closed.add(rel)
         self._wake.set()
 
     def stop(self) -> None:
@@ -85,6 +91,7 @@ class DaqRunner:
         version: its cost in memory follows what changed, not the size of the tree.
         """
         dirty, self._dirty = self._dirty, set()
+        closed, self._closed = self._closed, set()
         if rescan:
             found = await asyncio.to_thread(list_files, self.transfer.source,
                                             self.transfer.hidden, self._handled)
@@ -93,7 +100,7 @@ class DaqRunner:
         else:
             checked = dirty | self._waiting.keys()
             found = await asyncio.to_thread(self._stat, checked)
-        self._observe(found, checked)
+        self._observe(found, checked, closed)
 
     def _handled(self, rel: str, version: FileStat) -> bool:
         """Whether a file was copied at this version and is not waiting (read from the
@@ -110,12 +117,15 @@ class DaqRunner:
                     found[rel] = (file_stat(st), st.st_ctime)
         return found
 
-    def _observe(self, found: dict[str, tuple[FileStat, float]], checked: set[str]) -> None:
-        """Start or restart the stability clock of every new or changed file."""
-        now = time.monotonic()
+    def _observe(self, found: dict[str, tuple[FileStat, float]], checked: set[str],
+                 closed: set[str]) -> None:
+        """Start or restart the stability clock of every new or changed file; a closed one
+        is settled already."""
+        now, wall = time.monotonic(), time.time()
         for rel in checked - found.keys():
             if self._waiting.pop(rel, None) is not None:
                 self.transfer.forget(rel)
+        new: list[str] = []
         for rel, (version, ctime) in found.items():
             if self._processed.get(rel) == version:
                 continue
@@ -123,30 +133,26 @@ class DaqRunner:
             if seen is None:
                 if rel not in self._processed and not self._existing and ctime < self._started:
                     continue  # untouched since before the DAQ started
-                self.transfer.set_state(rel, WAITING)
-            if seen is None or seen[0] != version:
-                # untouched for STABLE_SECONDS already (by the clock of its last change):
-                # stable at first sight, no need to watch it settle
-                age = time.time() - max(version[1] / 1e9, ctime)
-                self._waiting[rel] = (version, now - STABLE_SECONDS if seen is None
-                                      and age >= STABLE_SECONDS else now)
+                new.append(rel)
+            if seen is None or seen[0] != version or rel in closed:
+                # closed by its writer, or untouched for STABLE_SECONDS already (by the clock
+                # of its last change) when first seen: no need to watch it settle
+                age = wall - max(version[1] / 1e9, ctime)
+                settled = rel in closed or (seen is None and age >= STABLE_SECONDS)
+                self._waiting[rel] = (version, now - STABLE_SECONDS if settled else now)
+        self.transfer.set_states(new, WAITING)
 
     async def _copy_stable(self) -> None:
         now = time.monotonic()
         stable = sorted(rel for rel, (_, since) in self._waiting.items()
                         if now - since >= STABLE_SECONDS)
-        gate = asyncio.Semaphore(PARALLEL_COPIES)
-
-        async def copy(rel: str) -> None:
-            version, _ = self._waiting.pop(rel)
-            async with gate:
-                copied = await self.transfer.copy(rel, expect=version)
-            if copied:
-                self._processed[rel] = version
-            else:
+        files = [(rel, self._waiting.pop(rel)[0]) for rel in stable]
+        changed = set(await self.transfer.copy_all(files))
+        for rel, version in files:
+            if rel in changed:
                 self._dirty.add(rel)  # changed again: look at it anew
-
-        await asyncio.gather(*(copy(rel) for rel in stable))
+            else:
+                self._processed[rel] = version
 
     def _drain_expired(self) -> bool:
         """After DRAIN_SECONDS of stopping, files still changing are given up as errors."""

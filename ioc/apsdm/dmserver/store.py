@@ -191,12 +191,26 @@ class Store:
                      "INSERT INTO datasets (id, experiment, name, doc) VALUES (?, ?, ?, ?)",
                      (doc["id"], doc["experimentName"], doc["datasetName"], _dump(doc)))
 
-    def save_file(self, doc: Doc) -> None:
-        """Insert or update a catalogued file (keyed by experimentName + experimentFilePath)."""
-        self._db.execute(
-            "INSERT INTO files (experiment, path, doc) VALUES (?, ?, ?) "
-            "ON CONFLICT (experiment, path) DO UPDATE SET doc = excluded.doc",
-            (doc["experimentName"], doc["experimentFilePath"], _dump(doc)))
+    def save_files(self, docs: list[Doc]) -> None:
+        """Insert or update catalogued files (keyed by experimentName + experimentFilePath),
+        all in one transaction."""
+        self._db.execute("BEGIN")
+        try:
+            self._db.executemany(
+                "INSERT INTO files (experiment, path, doc) VALUES (?, ?, ?) "
+                "ON CONFLICT (experiment, path) DO UPDATE SET doc = excluded.doc",
+                [(doc["experimentName"], doc["experimentFilePath"], _dump(doc)) for doc in docs])
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def files(self, experiment: str, paths: list[str]) -> dict[str, Doc]:
+        """The catalogued files among some paths of an experiment, by path."""
+        marks = ",".join("?" * len(paths))
+        return {row[0]: json.loads(row[1]) for row in self._db.execute(
+            f"SELECT path, doc FROM files WHERE experiment = ? AND path IN ({marks})",
+            (experiment, *paths))}
 
     def file(self, experiment: str, path: str) -> Doc | None:
         return self._doc("SELECT doc FROM files WHERE experiment = ? AND path = ?",

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,11 +27,14 @@ from .common import FindExperiment, dm_timestamp, flag
 from .copying import (
     FileStat,
     SourceChanged,
+    Staged,
     TransferFailed,
-    copy_file,
+    commit,
     describe,
+    discard,
     remove_leftovers,
     size_md5,
+    stage_file,
 )
 from .filters import file_filter
 from .store import Doc, Store, ThrottledSaver
@@ -38,8 +43,39 @@ log = logging.getLogger(__name__)
 
 WAITING, DONE, ERROR = "waiting", "done", "error"
 
-CatalogFile = Callable[[str, str, int, str], None]  # experiment, experimentFilePath, size, md5
+CatalogEntry = tuple[str, int, str]  # a file's path, size, md5
+CatalogFiles = Callable[[str, list[CatalogEntry]], None]  # experiment, its new copies
 Catalogued = Callable[[str, str], bool]  # experiment, experimentFilePath -> in the catalog
+Wanted = tuple[str, FileStat | None]  # a file to copy (relative path), the version expected
+
+BATCH_FILES = 256  # files a batch commits with one sync and one catalog transaction
+BATCH_BYTES = 64 << 20  # and the bytes it may hold, so a sync never waits on too much data
+PARALLEL_BATCHES = min(8, max(2, os.cpu_count() or 1))  # batches a transfer copies at once
+
+
+@dataclass
+class _Outcome:
+    """What became of each file of a batch."""
+
+    copied: list[CatalogEntry] = field(default_factory=list)  # relative path, size, md5
+    present: list[str] = field(default_factory=list)  # already in place before the batch
+    changed: list[str] = field(default_factory=list)  # not the version expected: not copied
+    errors: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _batches(files: Sequence[Wanted]) -> Iterator[list[Wanted]]:
+    """Files in batches of at most BATCH_FILES and (unless one file is larger) BATCH_BYTES."""
+    batch: list[Wanted] = []
+    size = 0
+    for wanted in files:
+        version = wanted[1]
+        if batch and (len(batch) >= BATCH_FILES or size >= BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(wanted)
+        size += version[0] if version else 0
+    if batch:
+        yield batch
 
 
 def destination(experiment: Doc, dest: PurePosixPath, source: Path) -> Path:
@@ -60,7 +96,7 @@ class Transfer:
     """A DAQ or upload record, and the per-file states behind its counters."""
 
     def __init__(self, kind: str, doc: Doc, target: Path, save: Callable[[Doc], None],
-                 catalog: CatalogFile, catalogued: Catalogued) -> None:
+                 catalog: CatalogFiles, catalogued: Catalogued) -> None:
         self.kind = kind
         self.doc = doc
         self.source = Path(doc["dataDirectory"])
@@ -83,6 +119,17 @@ class Transfer:
         return str(self.doc["id"])
 
     def set_state(self, rel: str, state: str, error: str = "") -> None:
+        self._set(rel, state, error)
+        self._update_counters()
+
+    def set_states(self, rels: Iterable[str], state: str) -> None:
+        """Put many files in one state, publishing the counters once."""
+        for rel in rels:
+            self._set(rel, state)
+        self._update_counters()
+
+    def _set(self, rel: str, state: str, error: str = "") -> None:
+        """Change one file's state without publishing the counters (a batch does it once)."""
         old = self._states.get(rel)
         if old is not None:
             self._counts[old] -= 1
@@ -94,7 +141,6 @@ class Transfer:
             log.warning("%s %s: %s: %s", self.kind, self.id, rel, error)
         else:
             errors.pop(rel, None)
-        self._update_counters()
 
     def forget(self, rel: str) -> None:
         """Drop a file that vanished before it could be copied."""
@@ -105,8 +151,18 @@ class Transfer:
 
     def record(self, rel: str, size: int, md5: str) -> None:
         """A file was copied: catalogue it and count it."""
-        self._catalog(self.doc["experimentName"], str(self._prefix / rel), size, md5)
-        self.set_state(rel, DONE)
+        self.record_all([(rel, size, md5)])
+
+    def record_all(self, copied: Sequence[CatalogEntry]) -> None:
+        """Files (relative path, size, md5) were copied: catalogue them, one transaction per
+        BATCH_FILES, and count them."""
+        for start in range(0, len(copied), BATCH_FILES):
+            self._catalog(self.doc["experimentName"],
+                          [(str(self._prefix / rel), size, md5)
+                           for rel, size, md5 in copied[start:start + BATCH_FILES]])
+        for rel, _, _ in copied:
+            self._set(rel, DONE)
+        self._update_counters()
 
     async def found_copied(self, rel: str) -> None:
         """A file already in place (copied before a restart): count it, and catalogue it if
@@ -125,26 +181,75 @@ class Transfer:
         storage = Path(self.doc.get("storageDirectory") or self.target).resolve()
         return not path.parent.resolve().is_relative_to(storage)
 
-    async def copy(self, rel: str, expect: FileStat | None = None, skip_copied: bool = True
-                   ) -> bool:
-        """Copy one file and record the outcome; False if it was not version ``expect``."""
-        dst = self.target / rel
-        if self.leaves_storage(dst):
-            self.set_state(rel, ERROR, f"{dst.parent} leads out of the experiment directory")
-            return True
-        try:
-            result = await asyncio.to_thread(copy_file, self.source / rel, dst, self.abort,
-                                             expect, dst if skip_copied else None)
-        except SourceChanged:
-            return False
-        except OSError as exc:
-            self.set_state(rel, ERROR, describe(exc))
-            return True
-        if result is None:
+    async def copy_all(self, files: Sequence[Wanted], skip_copied: bool = True) -> list[str]:
+        """Copy files in batches, a few at once, and record each outcome; return the files
+        that were not the version expected (neither copied nor counted)."""
+        gate = asyncio.Semaphore(PARALLEL_BATCHES)
+
+        async def one(batch: list[Wanted]) -> list[str]:
+            async with gate:
+                return await self._copy_batch(batch, skip_copied)
+
+        results = await asyncio.gather(*(one(batch) for batch in _batches(files)),
+                                       return_exceptions=True)
+        changed: list[str] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            changed += result
+        return changed
+
+    async def _copy_batch(self, batch: list[Wanted], skip_copied: bool) -> list[str]:
+        """Copy one batch (one sync for all), then catalogue and count it in one go."""
+        outcome = await asyncio.to_thread(self._stage_and_commit, batch, skip_copied)
+        for rel, error in outcome.errors:
+            self._set(rel, ERROR, error)
+        self.record_all(outcome.copied)
+        for rel in outcome.present:
             await self.found_copied(rel)
-        else:
-            self.record(rel, *result)
-        return True
+        return outcome.changed
+
+    def _stage_and_commit(self, batch: list[Wanted], skip_copied: bool) -> _Outcome:
+        """In a worker thread: stage every file of a batch, then commit them together."""
+        outcome = _Outcome()
+        staged: list[tuple[str, Staged]] = []
+        outside: dict[Path, bool] = {}  # per destination directory, checked once a batch
+        try:
+            for rel, expect in batch:
+                dst = self.target / rel
+                if dst.parent not in outside:
+                    outside[dst.parent] = self.leaves_storage(dst)
+                if outside[dst.parent]:
+                    outcome.errors.append(
+                        (rel, f"{dst.parent} leads out of the experiment directory"))
+                    continue
+                try:
+                    item = stage_file(self.source / rel, dst, self.abort, expect,
+                                      dst if skip_copied else None)
+                except SourceChanged:
+                    outcome.changed.append(rel)
+                    continue
+                except OSError as exc:
+                    outcome.errors.append((rel, describe(exc)))
+                    continue
+                if item is None:
+                    outcome.present.append(rel)
+                else:
+                    staged.append((rel, item))
+        except BaseException:
+            discard(item for _, item in staged)
+            raise
+        try:
+            results = commit([item for _, item in staged])
+        except OSError as exc:
+            outcome.errors += [(rel, describe(exc)) for rel, _ in staged]
+            return outcome
+        for (rel, item), error in zip(staged, results, strict=True):
+            if error is None:
+                outcome.copied.append((rel, item.size, item.md5))
+            else:
+                outcome.errors.append((rel, describe(error)))
+        return outcome
 
     def _update_counters(self) -> None:
         doc, counts = self.doc, self._counts
@@ -179,7 +284,7 @@ class TransferService:
     kind = ""  # "daq" or "upload": the record kind in the store
 
     def __init__(self, store: Store, find_experiment: FindExperiment,
-                 catalog: CatalogFile) -> None:
+                 catalog: CatalogFiles) -> None:
         self._store = store
         self._find = find_experiment
         self._catalog = catalog

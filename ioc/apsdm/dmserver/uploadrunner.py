@@ -16,8 +16,19 @@ from pathlib import Path
 from apsdm.dm.paths import relative_path
 
 from .common import flag
-from .copying import CopyAborted, SourceChanged, TransferFailed, copy_file, describe, list_files
-from .transfer import ERROR, WAITING, Transfer
+from .copying import (
+    CopyAborted,
+    SourceChanged,
+    Staged,
+    TransferFailed,
+    describe,
+    discard,
+    fsync_dir,
+    list_files,
+    stage_file,
+    sync_staged,
+)
+from .transfer import ERROR, PARALLEL_BATCHES, WAITING, Transfer
 
 
 async def run_upload(transfer: Transfer) -> None:
@@ -31,9 +42,10 @@ async def run_upload(transfer: Transfer) -> None:
         if doc["processingMode"] == "directory":
             await _copy_tree(transfer, sorted(files), reprocess)
         else:
-            for rel in sorted(files):
-                if not await transfer.copy(rel, skip_copied=not reprocess):
-                    transfer.set_state(rel, ERROR, "changed while it was being copied")
+            changed = await transfer.copy_all([(rel, None) for rel in sorted(files)],
+                                              skip_copied=not reprocess)
+            for rel in changed:
+                transfer.set_state(rel, ERROR, "changed while it was being copied")
     except CopyAborted:
         if transfer.stop_requested:
             transfer.finish("aborted", "stopped by stopUpload")
@@ -59,45 +71,72 @@ def _files(transfer: Transfer) -> list[str]:
 
 
 async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> None:
-    """Directory mode: all files into a staging tree, then all moved into place at once."""
+    """Directory mode: all files into a staging tree (a few threads at once), synced once,
+    then all moved into place; nothing is counted before every file is there."""
     staging = transfer.target / f".dm-staging-{transfer.id}"
+    parts = [files[i::PARALLEL_BATCHES] for i in range(PARALLEL_BATCHES)]
     try:
-        copied = await asyncio.to_thread(_stage, transfer, files, staging, reprocess)
-        await asyncio.to_thread(_merge, staging, transfer, list(copied))
+        results = await asyncio.gather(
+            *(asyncio.to_thread(_stage, transfer, part, staging, reprocess) for part in parts),
+            return_exceptions=True)
+        staged = {rel: item for result in results if isinstance(result, dict)
+                  for rel, item in result.items()}
+        if failed := next((r for r in results if isinstance(r, BaseException)), None):
+            discard(staged.values())
+            raise failed
+        await asyncio.to_thread(_merge, transfer, staged)
     finally:
         await asyncio.to_thread(shutil.rmtree, staging, True)
+    transfer.record_all([(rel, staged[rel].size, staged[rel].md5)
+                         for rel in files if rel in staged])
     for rel in files:
-        if rel in copied:
-            transfer.record(rel, *copied[rel])
-        else:
+        if rel not in staged:
             await transfer.found_copied(rel)
 
 
 def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
-           ) -> dict[str, tuple[int, str]]:
-    """Copy every file not yet in place into the staging tree; any failure fails the upload."""
-    copied = {}
-    for rel in files:
-        try:
-            result = copy_file(transfer.source / rel, staging / rel, transfer.abort,
-                               unless_copied_to=None if reprocess else transfer.target / rel)
-        except SourceChanged:
-            raise TransferFailed(f"{rel} changed while it was being copied") from None
-        except OSError as exc:
-            raise TransferFailed(f"{rel}: {describe(exc)}") from None
-        if result is not None:
-            copied[rel] = result
-    return copied
+           ) -> dict[str, Staged]:
+    """Copy the files not yet in place into the staging tree; any failure fails the upload."""
+    staged: dict[str, Staged] = {}
+    try:
+        for rel in files:
+            try:
+                item = stage_file(transfer.source / rel, staging / rel, transfer.abort,
+                                  unless_copied_to=None if reprocess else transfer.target / rel)
+            except SourceChanged:
+                raise TransferFailed(f"{rel} changed while it was being copied") from None
+            except OSError as exc:
+                raise TransferFailed(f"{rel}: {describe(exc)}") from None
+            if item is not None:
+                staged[rel] = item
+    except BaseException:
+        discard(staged.values())
+        raise
+    return staged
 
 
-def _merge(staging: Path, transfer: Transfer, files: list[str]) -> None:
-    """Move staged files to their final names (renames within one file system)."""
-    for rel in files:
+def _merge(transfer: Transfer, staged: dict[str, Staged]) -> None:
+    """Sync the staged copies once, move them to their final names (renames within one file
+    system), then make the names durable (one fsync per directory)."""
+    try:
+        sync_staged(list(staged.values()))
+    except OSError as exc:
+        raise TransferFailed(describe(exc)) from None
+    directories: set[Path] = set()
+    for rel, item in staged.items():
         final = transfer.target / rel
-        if transfer.leaves_storage(final):
-            raise TransferFailed(f"{final.parent} leads out of the experiment directory")
         try:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging / rel, final)
+            if final.parent not in directories:
+                if transfer.leaves_storage(final):
+                    raise TransferFailed(
+                        f"{final.parent} leads out of the experiment directory")
+                final.parent.mkdir(parents=True, exist_ok=True)
+                directories.add(final.parent)
+            os.replace(item.tmp, final)
         except OSError as exc:
             raise TransferFailed(f"cannot move {rel} into place: {describe(exc)}") from None
+    try:
+        for directory in directories:
+            fsync_dir(directory)
+    except OSError as exc:
+        raise TransferFailed(f"cannot make the names durable: {describe(exc)}") from None

@@ -1,7 +1,8 @@
 """Watching DAQ trees: one watchdog (inotify) observer whose events reach the DAQs on the loop.
 
-Events only say where to look; a DAQ still rescans its whole tree every RESCAN_SECONDS
-(POLL_SECONDS where the tree cannot be watched) to catch anything they missed.
+Events say where to look, and whether a writer closed the file (inotify's IN_CLOSE_WRITE,
+or a rename into the tree), so it need not settle; a DAQ still rescans its whole tree every
+RESCAN_SECONDS (POLL_SECONDS where the tree cannot be watched) to catch what they missed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 
 log = logging.getLogger(__name__)
 
+Notify = Callable[[str | None, bool], None]  # path (None: rescan), closed by its writer
+
 RESCAN_SECONDS = 5.0  # full rescan period while inotify works: catches anything it missed
 POLL_SECONDS = 1.0  # full rescan period when the tree cannot be watched
 
@@ -28,22 +31,25 @@ class _Fanout(FileSystemEventHandler):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self.callbacks: list[Callable[[str | None], None]] = []
+        self.callbacks: list[Notify] = []
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
+        paths: list[tuple[str | None, bool]]
         if event.is_directory:  # a tree came, went or moved: rescan rather than trust events
-            paths: list[str | None] = [None] if event.event_type != "modified" else []
+            paths = [(None, False)] if event.event_type != "modified" else []
         else:
-            paths = [os.fsdecode(p) for p in (event.src_path, event.dest_path) if p]
-        for path in paths:
+            paths = [(os.fsdecode(event.src_path), event.event_type == "closed")]
+            if event.dest_path:  # renamed into place: complete, as writers rename when done
+                paths.append((os.fsdecode(event.dest_path), True))
+        for path, done in paths:
             with contextlib.suppress(RuntimeError):  # the loop is closing
-                self._loop.call_soon_threadsafe(self._deliver, path)
+                self._loop.call_soon_threadsafe(self._deliver, path, done)
 
-    def _deliver(self, path: str | None) -> None:
+    def _deliver(self, path: str | None, closed: bool) -> None:
         for callback in list(self.callbacks):
-            callback(path)
+            callback(path, closed)
 
 
 class WatchHub:
@@ -54,7 +60,7 @@ class WatchHub:
         self._trees: dict[Path, tuple[ObservedWatch, _Fanout]] = {}
         self._lock = asyncio.Lock()
 
-    async def watch(self, root: Path, callback: Callable[[str | None], None]) -> bool:
+    async def watch(self, root: Path, callback: Notify) -> bool:
         """Send events under root to callback; False if the tree cannot be watched."""
         async with self._lock:
             if root not in self._trees:
@@ -74,7 +80,7 @@ class WatchHub:
             self._trees[root][1].callbacks.append(callback)
             return True
 
-    async def unwatch(self, root: Path, callback: Callable[[str | None], None]) -> None:
+    async def unwatch(self, root: Path, callback: Notify) -> None:
         async with self._lock:
             watch, fanout = self._trees[root]
             fanout.callbacks.remove(callback)

@@ -1,0 +1,114 @@
+"""The embedded DM service's batched copies and its close-event fast path, in process, so a
+test can set the service's batch size and settle time."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path, PurePosixPath
+
+import pytest
+from test_faults import Appearances
+
+from apsdm.dm import DmClient, DmConfig
+from apsdm.dmserver import daqrunner, start_service, transfer
+
+
+@asynccontextmanager
+async def service_client(root: Path) -> AsyncIterator[DmClient]:
+    service = await start_service(root)
+    try:
+        async with DmClient(DmConfig.from_env({}, setup_file=str(service.setup_file))) as dm:
+            yield dm
+    finally:
+        await service.stop()
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"{what}: not reached in {timeout} s"
+        await asyncio.sleep(0.05)
+
+
+def test_closed_file_is_copied_without_waiting_to_settle(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a settle time far longer than the test, a file its writer closed is still copied
+    at once, while one still open waits; closing it, unchanged, releases it."""
+    monkeypatch.setattr(daqrunner, "STABLE_SECONDS", 600.0)
+    src = tmp_path / "detector"
+    src.mkdir()
+
+    async def go() -> None:
+        async with service_client(tmp_path / "dm") as dm:
+            await dm.add_experiment("closing")
+            with (src / "open.dat").open("wb") as still_open:
+                still_open.write(b"x" * 1000)
+                still_open.flush()
+                daq = await dm.start_daq("closing", str(src))
+
+                async def counts(processed: int, waiting: int) -> bool:
+                    d = await dm.get_daq(daq.id)
+                    return (d.n_processed, d.n_waiting) == (processed, waiting)
+                # the open file, fresh, waits to settle: the DAQ has scanned, so it watches
+                await until(lambda: counts(0, 1), 30, "open file waiting")
+                (src / "closed.dat").write_bytes(b"y" * 2000)
+                await until(lambda: counts(1, 1), 30, "closed file copied")
+            await until(lambda: counts(2, 0), 30, "file copied once closed")
+            await dm.stop_daq("closing", str(src))
+
+    asyncio.run(go())
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest()
+
+
+@pytest.mark.parametrize("how", ["daq", "files", "directory"])
+def test_batches_copy_each_file_once_with_its_checksum(tmp_path: Path, how: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small batches copied side by side: every file renamed into place exactly once,
+    catalogued with its own size and md5, and counted once."""
+    monkeypatch.setattr(transfer, "BATCH_FILES", 7)
+    src = tmp_path / "data"
+    rels = {f"scan{i % 3}/f{i:03d}.dat" for i in range(60)}
+    for i, rel in enumerate(sorted(rels)):
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_bytes(bytes([i]) * (100 * i + 1))
+
+    async def go() -> None:
+        async with service_client(tmp_path / "dm") as dm:
+            exp = await dm.add_experiment("batches")
+            dest = Path(exp.data_directory)
+            for i in range(3):  # the watch makes up "created" events in directories it
+                (dest / "out" / f"scan{i}").mkdir(parents=True)  # sees appear: none here
+            with Appearances(dest) as appeared:
+                if how == "daq":
+                    daq = await dm.start_daq("batches", str(src), destDirectory="out")
+
+                    async def counted() -> bool:
+                        return (await dm.get_daq(daq.id)).n_processed >= len(rels)
+                    await until(counted, 60, "DAQ copies")
+                    await dm.stop_daq("batches", str(src))
+                    final = await dm.get_daq(daq.id)
+                else:
+                    up = await dm.upload("batches", str(src), destDirectory="out",
+                                         processingMode=how)
+
+                    async def finished() -> bool:
+                        return (await dm.get_upload(up.id)).finished
+                    await until(finished, 60, "upload")
+                    final = await dm.get_upload(up.id)
+                await asyncio.sleep(0.5)  # let the watch see the last renames
+            assert (final.n_files, final.n_processed, final.n_errors) == (len(rels), len(rels), 0)
+            appeared.assert_each_once("out", rels)
+            for rel in rels:
+                record = await dm.get_experiment_file("batches", str(PurePosixPath("out", rel)))
+                assert (record["fileSize"], record["md5Sum"]) == (
+                    (src / rel).stat().st_size, md5(src / rel)), rel
+                assert md5(dest / "out" / rel) == md5(src / rel)
+
+    asyncio.run(go())
