@@ -90,7 +90,7 @@ def paused_then_resumed(RE: RunEngine, plan: Any, wait: str, defer: bool) -> Any
 
 
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "immediate"])
-def test_daq_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any,
+def test_daq_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine,
                                      tmp_path: Path, defer: bool) -> None:
     data = tmp_path / "detector"
     new_user(dm, gateway, RE, sleeper("quick", 0.2), data=data)
@@ -108,7 +108,7 @@ def test_daq_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine,
 
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "immediate"])
 def test_workflow_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine,
-                                          ctx: Any, tmp_path: Path, defer: bool) -> None:
+                                          tmp_path: Path, defer: bool) -> None:
     new_user(dm, gateway, RE, sleeper("slow"))
     docs = documents(RE)
     report: RunReport = paused_then_resumed(RE, file_collection_plan(
@@ -118,7 +118,7 @@ def test_workflow_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEn
 
 
 def test_daq_wait_times_out_naming_the_watched_tree(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     data = tmp_path / "detector"
     new_user(dm, gateway, RE, sleeper("quick", 0.2), data=data)
     docs = documents(RE)
@@ -146,7 +146,7 @@ def test_upload_pauses_while_waiting_and_resumes(
 
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "immediate"])
 def test_streaming_plan_pauses_while_waiting_for_ready_and_resumes(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path,
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path,
         defer: bool) -> None:
     new_user(dm, gateway, RE, demo("streaming-demo"))
     report: RunReport = paused_then_resumed(RE, streaming_collection_plan(
@@ -159,7 +159,7 @@ def test_streaming_plan_pauses_while_waiting_for_ready_and_resumes(
 
 @pytest.mark.parametrize("end", ["abort", "stop"])
 def test_abort_and_stop_release_the_workflow_slot(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path, end: str,
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path, end: str,
         capsys: pytest.CaptureFixture[str]) -> None:
     new_user(dm, gateway, RE, sleeper("slow", 20))
     pause_in(RE, "wf1 stages", defer=False)
@@ -177,7 +177,7 @@ def test_abort_and_stop_release_the_workflow_slot(
 
 
 def test_mistakes_fail_in_preflight_before_any_data(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     experiment = new_user(dm, gateway, RE, sleeper("slow", 4))
     frames = tmp_path / "frames"
     frames.mkdir()
@@ -209,7 +209,7 @@ def test_mistakes_fail_in_preflight_before_any_data(
 
 
 def test_runs_record_dm_and_failure_in_their_documents(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     experiment = new_user(dm, gateway, RE, demo("streaming-demo"), failing_workflow())
     docs = documents(RE)
     report: RunReport = run(RE, streaming_collection_plan(
@@ -236,7 +236,7 @@ def test_runs_record_dm_and_failure_in_their_documents(
 
 
 def test_a_users_own_scan_wrapped_with_a_workflow_completes(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     new_user(dm, gateway, RE, sleeper("after-scan", 1))
     docs = documents(RE)
     motor = SynAxis(name="motor")
@@ -249,7 +249,7 @@ def test_a_users_own_scan_wrapped_with_a_workflow_completes(
 
 
 def test_progress_reaches_status_watchers(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     data = tmp_path / "detector"
     new_user(dm, gateway, RE, sleeper("slow", 2), data=data)
     seen: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -269,7 +269,7 @@ def test_progress_reaches_status_watchers(
 
 
 def test_metadata_over_the_pv_limit_is_an_error_in_the_run(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     new_user(dm, gateway, RE, sleeper("quick", 0.2))
     docs = documents(RE)
     with pytest.raises(MetadataNotShared, match=r"over the 4095 bytes Metadata:Json holds"):

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_setup_user_then_file_plan_ends_with_done_job_that_saw_the_files(
-        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path,
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     experiment = f"exp-{uuid.uuid4().hex[:6]}"
     exp = add_to_dm(dm, experiment, demo("files-demo"))
@@ -74,7 +74,7 @@ def test_setup_user_then_file_plan_ends_with_done_job_that_saw_the_files(
 
 @pytest.mark.parametrize("raise_on_failure", [True, False])
 def test_failing_workflow_is_reported_clearly(
-        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any,
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine,
         raise_on_failure: bool, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     experiment = f"exp-{uuid.uuid4().hex[:6]}"
     add_to_dm(dm, experiment, failing_workflow())
@@ -180,7 +180,7 @@ def test_long_string_can_be_cleared_over_ca(gateway: DMGateway) -> None:
 
 
 def test_wait_for_others_starts_after_the_running_job_of_the_workflow(
-        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     experiment = f"exp-{uuid.uuid4().hex[:6]}"
     add_to_dm(dm, experiment, {"name": "exclusive", "stages": {"01": {"command": "sleep 2"}}})
     run(RE, setup_user(gateway, experiment))
