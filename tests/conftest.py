@@ -249,11 +249,11 @@ def dm(ioc: Ioc) -> Any:
 
 
 @pytest.fixture
-def gateway(ioc: Ioc) -> Any:
-    """The whole gateway as one ophyd device, connected."""
+def gateway(ioc: Ioc, ctx: Any) -> Any:
+    """The whole gateway as one ophyd device, connected, with this test's PVA context."""
     from apsdm_ophyd import DMGateway
 
-    gw = DMGateway(ioc.prefix, name="dm")
+    gw = DMGateway(ioc.prefix, name="dm", pva_context=ctx)
     gw.wait_for_connection(timeout=30)
     return gw
 

@@ -33,7 +33,6 @@ from apsdm_ophyd import (
     setup_user,
     streaming_collection_plan,
 )
-from apsdm_ophyd.pva import PvaChannels
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -91,13 +90,13 @@ def paused_then_resumed(RE: RunEngine, plan: Any, wait: str, defer: bool) -> Any
 
 
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "immediate"])
-def test_daq_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any,
+def test_daq_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine,
                                      tmp_path: Path, defer: bool) -> None:
     data = tmp_path / "detector"
     new_user(dm, gateway, RE, sleeper("quick", 0.2), data=data)
     asked = pause_in(RE, "daq1 files", defer)
     plan = file_collection_plan(gateway, [file_detector(data)], 2, "quick", expected_files=3,
-                                pva_context=ctx, poll_period=POLL)
+                                poll_period=POLL)
     with pytest.raises(RunEngineInterrupted):
         RE(plan)
     assert asked and in_time(asked, defer)
@@ -109,24 +108,24 @@ def test_daq_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine,
 
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "immediate"])
 def test_workflow_wait_pauses_and_resumes(dm: Any, gateway: DMGateway, RE: RunEngine,
-                                          ctx: Any, tmp_path: Path, defer: bool) -> None:
+                                          tmp_path: Path, defer: bool) -> None:
     new_user(dm, gateway, RE, sleeper("slow"))
     docs = documents(RE)
     report: RunReport = paused_then_resumed(RE, file_collection_plan(
-        gateway, [file_detector(tmp_path)], 1, "slow", expected_files=0, pva_context=ctx,
+        gateway, [file_detector(tmp_path)], 1, "slow", expected_files=0,
         poll_period=POLL), "wf1 stages", defer)
     assert report.job.ok and docs["stop"][-1]["exit_status"] == "success"
 
 
 def test_daq_wait_times_out_naming_the_watched_tree(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     data = tmp_path / "detector"
     new_user(dm, gateway, RE, sleeper("quick", 0.2), data=data)
     docs = documents(RE)
     with pytest.raises(TimeoutError, match=r"1 of 2 new files copied after 1 s; the DAQ "
                                            r"watches .*detector"):
         RE(file_collection_plan(gateway, [file_detector(data)], 1, "quick", expected_files=2,
-                                daq_timeout=1, pva_context=ctx, **FAST))
+                                daq_timeout=1, **FAST))
     assert docs["stop"][-1]["exit_status"] == "fail"
     assert "new files copied" in docs["stop"][-1]["reason"]
 
@@ -147,12 +146,12 @@ def test_upload_pauses_while_waiting_and_resumes(
 
 @pytest.mark.parametrize("defer", [True, False], ids=["deferred", "immediate"])
 def test_streaming_plan_pauses_while_waiting_for_ready_and_resumes(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path,
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path,
         defer: bool) -> None:
     new_user(dm, gateway, RE, demo("streaming-demo"))
     report: RunReport = paused_then_resumed(RE, streaming_collection_plan(
         gateway, [file_detector(tmp_path)], 3, "apsdm-streaming-demo",
-        workflow_args={"pythonExe": sys.executable}, pva_context=ctx, poll_period=POLL),
+        workflow_args={"pythonExe": sys.executable}, poll_period=POLL),
         "workflow ready", defer)
     assert report.job.ok and report.workflow_stream is not None
     assert report.workflow_stream.counter == 3
@@ -160,13 +159,13 @@ def test_streaming_plan_pauses_while_waiting_for_ready_and_resumes(
 
 @pytest.mark.parametrize("end", ["abort", "stop"])
 def test_abort_and_stop_release_the_workflow_slot(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path, end: str,
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path, end: str,
         capsys: pytest.CaptureFixture[str]) -> None:
     new_user(dm, gateway, RE, sleeper("slow", 20))
     pause_in(RE, "wf1 stages", defer=False)
     with pytest.raises(RunEngineInterrupted):
         RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "slow",
-                                expected_files=0, pva_context=ctx, poll_period=POLL))
+                                expected_files=0, poll_period=POLL))
     assert gateway.wf1.start_job.get() == 1  # paused: the job is still followed
     RE.msg_hook = None
     getattr(RE, end)()
@@ -178,45 +177,44 @@ def test_abort_and_stop_release_the_workflow_slot(
 
 
 def test_mistakes_fail_in_preflight_before_any_data(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     experiment = new_user(dm, gateway, RE, sleeper("slow", 4))
     frames = tmp_path / "frames"
     frames.mkdir()
     docs = documents(RE)
     with pytest.raises(PreflightFailed, match=r"no workflow 'nope' \(known: .*slow"):
         RE(file_collection_plan(gateway, [file_detector(frames)], 1, "nope",
-                                expected_files=0, pva_context=ctx, **FAST))
+                                expected_files=0, **FAST))
     with pytest.raises(PreflightFailed, match="'id' is a job field that DM reserves"):
         RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow",
-                                workflow_args={"id": 3}, expected_files=0, pva_context=ctx))
+                                workflow_args={"id": 3}, expected_files=0))
     gateway.wf1.workflow_name.set("slow").wait(5)
     running = gateway.wf1.start_job.set(1)  # the slot's earlier job
     while gateway.wf1.start_job.get() != 1:
         time.sleep(0.05)
     with pytest.raises(PreflightFailed, match="WF1:Start is busy"):
         RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow",
-                                expected_files=0, pva_context=ctx))
+                                expected_files=0))
     running.wait(30)
     with pytest.raises(PreflightFailed, match="DAQ1: no DAQ is running"):
-        RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow",
-                                pva_context=ctx))
+        RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow"))
     watched = tmp_path / "watched"
     watched.mkdir()
     run(RE, setup_user(gateway, experiment, data_directory=str(watched)))
     with pytest.raises(PreflightFailed, match=r"DAQ1: watches \S*watched, but the detectors "
                                               r"write to \S*frames"):
-        RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow", pva_context=ctx))
+        RE(file_collection_plan(gateway, [file_detector(frames)], 1, "slow"))
     assert not docs["start"] and not docs["event"]
     assert not list(frames.iterdir())  # no frame was taken
 
 
 def test_runs_record_dm_and_failure_in_their_documents(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     experiment = new_user(dm, gateway, RE, demo("streaming-demo"), failing_workflow())
     docs = documents(RE)
     report: RunReport = run(RE, streaming_collection_plan(
         gateway, [file_detector(tmp_path)], 2, "apsdm-streaming-demo",
-        workflow_args={"pythonExe": sys.executable}, pva_context=ctx, **FAST))
+        workflow_args={"pythonExe": sys.executable}, **FAST))
     start, stop = docs["start"][-1], docs["stop"][-1]
     assert start["plan_name"] == "streaming_collection_plan"
     dm_md = start["data_management"]
@@ -231,28 +229,27 @@ def test_runs_record_dm_and_failure_in_their_documents(
 
     with pytest.raises(WorkflowFailed, match="02-FAIL"):
         RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "always-fails",
-                                expected_files=0, pva_context=ctx, **FAST))
+                                expected_files=0, **FAST))
     stop = docs["stop"][-1]
     assert stop["exit_status"] == "fail" and "02-FAIL" in stop["reason"]
     assert docs["start"][-1]["plan_name"] == "file_collection_plan"
 
 
 def test_a_users_own_scan_wrapped_with_a_workflow_completes(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     new_user(dm, gateway, RE, sleeper("after-scan", 1))
     docs = documents(RE)
     motor = SynAxis(name="motor")
     report: RunReport = run(RE, dm_workflow_wrapper(
         bp.scan([file_detector(tmp_path)], motor, 0, 1, 3), gateway,
-        WorkflowRequest("after-scan", {"note": "wrapped"}),
-        channels=PvaChannels(gateway.prefix, ctx)))
+        WorkflowRequest("after-scan", {"note": "wrapped"})))
     assert report.job.ok and report.dataset == f"run_uid8_{report.run_uid[:8]}"
     assert docs["start"][-1]["plan_name"] == "scan"
     assert len(docs["event"]) == 3 + 1  # the scan's points and the dm event
 
 
 def test_progress_reaches_status_watchers(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     data = tmp_path / "detector"
     new_user(dm, gateway, RE, sleeper("slow", 2), data=data)
     seen: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -263,7 +260,7 @@ def test_progress_reaches_status_watchers(
                 status.watch(lambda name, **kw: seen[name].append(kw))
 
     RE.waiting_hook = waiting_hook
-    run(RE, file_collection_plan(gateway, [file_detector(data)], 2, "slow", pva_context=ctx,
+    run(RE, file_collection_plan(gateway, [file_detector(data)], 2, "slow",
                                  report=False, **FAST))
     stages = seen["dm_wf1 stages"]
     assert stages and stages[-1]["target"] == 2
@@ -272,12 +269,12 @@ def test_progress_reaches_status_watchers(
 
 
 def test_metadata_over_the_pv_limit_is_an_error_in_the_run(
-        dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     new_user(dm, gateway, RE, sleeper("quick", 0.2))
     docs = documents(RE)
     with pytest.raises(MetadataNotShared, match=r"over the 4095 bytes Metadata:Json holds"):
         RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "quick",
-                                expected_files=0, md={"esaf": "x" * 10_000}, pva_context=ctx,
+                                expected_files=0, md={"esaf": "x" * 10_000},
                                 **FAST))
     assert docs["stop"][-1]["exit_status"] == "fail"
     assert "not shared with DM" in docs["stop"][-1]["reason"]

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def test_setup_user_then_file_plan_ends_with_done_job_that_saw_the_files(
-        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path,
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
     experiment = f"exp-{uuid.uuid4().hex[:6]}"
     exp = add_to_dm(dm, experiment, demo("files-demo"))
@@ -58,7 +58,7 @@ def test_setup_user_then_file_plan_ends_with_done_job_that_saw_the_files(
     caplog.set_level(logging.INFO, logger="apsdm_ophyd")
     report: RunReport = run(RE, file_collection_plan(
         gateway, [file_detector(data)], 3, "apsdm-files-demo", md={"sample": "demo"},
-        pva_context=ctx, **FAST))
+        **FAST))
     job = report.job
     assert job.ok, job.describe()
     written = sorted(p.name for p in data.iterdir())
@@ -74,13 +74,13 @@ def test_setup_user_then_file_plan_ends_with_done_job_that_saw_the_files(
 
 @pytest.mark.parametrize("raise_on_failure", [True, False])
 def test_failing_workflow_is_reported_clearly(
-        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any,
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine,
         raise_on_failure: bool, caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     experiment = f"exp-{uuid.uuid4().hex[:6]}"
     add_to_dm(dm, experiment, failing_workflow())
     run(RE, setup_user(gateway, experiment))
     plan = file_collection_plan(gateway, [file_detector(tmp_path)], 1,
-                                "always-fails", expected_files=0, pva_context=ctx,
+                                "always-fails", expected_files=0,
                                 raise_on_failure=raise_on_failure, **FAST)
     if raise_on_failure:
         with pytest.raises(WorkflowFailed, match=r"always-fails job \S+ failed at stage 02-FAIL"):
@@ -112,7 +112,7 @@ def test_streaming_plan_completes_the_handshake(
     run(RE, setup_user(gateway, experiment))
     report: RunReport = run(RE, streaming_collection_plan(
         gateway, [file_detector(tmp_path)], 5, "apsdm-streaming-demo",
-        workflow_args={"pythonExe": sys.executable}, ready_timeout=60, pva_context=ctx, **FAST))
+        workflow_args={"pythonExe": sys.executable}, ready_timeout=60, **FAST))
     assert report.job.ok, report.job.describe()
     assert report.workflow_stream is not None
     assert report.workflow_stream.state == "done"
@@ -130,7 +130,7 @@ def test_streaming_plan_gives_up_on_a_workflow_that_is_never_ready(
     run(RE, setup_user(gateway, experiment))
     with pytest.raises(WorkflowFailed, match="did not become ready within 1 s"):
         RE(streaming_collection_plan(gateway, [file_detector(tmp_path)], 2, "silent",
-                                     ready_timeout=1, pva_context=ctx, **FAST))
+                                     ready_timeout=1, **FAST))
     names = pva.StreamNames.for_prefix(gateway.prefix)
     assert pva.read(ctx, names.bluesky).state == "error"
 
@@ -180,7 +180,7 @@ def test_long_string_can_be_cleared_over_ca(gateway: DMGateway) -> None:
 
 
 def test_wait_for_others_starts_after_the_running_job_of_the_workflow(
-        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, ctx: Any, tmp_path: Path) -> None:
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
     experiment = f"exp-{uuid.uuid4().hex[:6]}"
     add_to_dm(dm, experiment, {"name": "exclusive", "stages": {"01": {"command": "sleep 2"}}})
     run(RE, setup_user(gateway, experiment))
@@ -192,7 +192,7 @@ def test_wait_for_others_starts_after_the_running_job_of_the_workflow(
         time.sleep(0.05)
     report: RunReport = run(RE, file_collection_plan(
         gateway, [file_detector(tmp_path)], 1, "exclusive", expected_files=0,
-        wait_for_others=True, pva_context=ctx, **FAST))
+        wait_for_others=True, **FAST))
     assert running.done and report.job.ok
 
     async def times() -> tuple[Any, Any]:

@@ -16,6 +16,9 @@ from typing import Any
 
 from ophyd import Component as Cpt
 from ophyd import Device, EpicsSignal, EpicsSignalRO, Kind
+from p4p.client.thread import Context
+
+from .pva import PvaChannels
 
 __all__ = ["NO_YES", "UPLOAD_MODES", "DMDaq", "DMExperiment", "DMGateway", "DMMetadata",
            "DMStatus", "DMUpload", "DMWorkflow"]
@@ -144,7 +147,8 @@ class DMGateway(_Concise):
     """The whole gateway: experiment, metadata, health and ``daq1..``, ``up1..``, ``wf1..``.
 
     Slot counts vary per IOC, so the class with that many slot components is made (once
-    per combination of counts) when an instance is created.
+    per combination of counts) when an instance is created. ``pva_context`` reaches the
+    PVA-only PVs (None: the process-wide context, from the ``EPICS_PVA_*`` environment).
     """
 
     experiment = Cpt(DMExperiment, "Experiment:")
@@ -158,9 +162,16 @@ class DMGateway(_Concise):
         return super().__new__(cls if cls.slot_counts == counts else _gateway_class(cls, counts))
 
     def __init__(self, prefix: str = "DM:", *, n_daq: int = 4, n_upload: int = 4,
-                 n_workflow: int = 4, name: str = "dm", **kwargs: Any) -> None:
+                 n_workflow: int = 4, name: str = "dm", pva_context: Context | None = None,
+                 **kwargs: Any) -> None:
         super().__init__(prefix, name=name, **kwargs)
         self.n_daq, self.n_upload, self.n_workflow = n_daq, n_upload, n_workflow
+        self.pva_context = pva_context
+
+    @property
+    def pva(self) -> PvaChannels:
+        """The gateway's PVA-only PVs (stream handshake, tables) as ophyd Signals."""
+        return PvaChannels(self.prefix, self.pva_context)
 
     def _repr_info(self) -> Iterator[tuple[str, Any]]:
         yield from super()._repr_info()

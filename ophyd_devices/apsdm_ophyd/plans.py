@@ -17,12 +17,11 @@ from bluesky import plan_stubs as bps
 from bluesky import plans as bp
 from bluesky import preprocessors as bpp
 from bluesky.utils import MsgGenerator
-from p4p.client.thread import Context
 
 from .devices import DMGateway
 from .errors import WorkflowFailed
 from .progress import DEFAULT_POLL_PERIOD, Progress, Timing, wait_until
-from .pva import PvaChannels, StreamSignal, StreamState, TableSignal
+from .pva import StreamSignal, StreamState, TableSignal
 from .reports import RunReport, UserSetup
 from .stubs import JobHandle, select_experiment, start_daq, upload, wait_workflow
 from .wrappers import WorkflowRequest, dm_workflow_wrapper
@@ -68,7 +67,7 @@ def file_collection_plan(
     reporting_period: float = Timing.reporting_period,
     poll_period: float = DEFAULT_POLL_PERIOD, timeout: float = Timing.job_timeout,
     raise_on_failure: bool = True, share_metadata: bool = True, report: bool = True,
-    md: Mapping[str, Any] | None = None, pva_context: Context | None = None,
+    md: Mapping[str, Any] | None = None,
 ) -> MsgGenerator[RunReport]:
     """Collect files, wait for the DAQ to copy them, then run a DM workflow on them.
 
@@ -95,7 +94,7 @@ def file_collection_plan(
         WorkflowRequest(workflow_name, args, workflow_owner, wf_slot, wait_for_others),
         daq_slot=None if expected_files == 0 else daq_slot, expected_files=expected_files,
         detectors=detectors, raise_on_failure=raise_on_failure, share=share_metadata,
-        report=report, channels=PvaChannels(gateway.prefix, pva_context),
+        report=report, channels=gateway.pva,
         timing=Timing(poll_period=poll_period, reporting_period=reporting_period,
                       daq_timeout=daq_timeout, job_timeout=timeout)))
 
@@ -107,7 +106,6 @@ def streaming_collection_plan(
     reporting_period: float = Timing.reporting_period, poll_period: float = DEFAULT_POLL_PERIOD,
     timeout: float = Timing.job_timeout, raise_on_failure: bool = True,
     share_metadata: bool = True, report: bool = True, md: Mapping[str, Any] | None = None,
-    pva_context: Context | None = None,
 ) -> MsgGenerator[RunReport]:
     """Start a streaming workflow, wait until it is ready, collect while announcing frames.
 
@@ -118,7 +116,7 @@ def streaming_collection_plan(
     WorkflowFailed; after the collection, ``raise_on_failure`` works as in
     :func:`file_collection_plan`.
     """
-    channels = PvaChannels(gateway.prefix, pva_context)
+    channels = gateway.pva
     ours, theirs = channels.bluesky, channels.workflow
     experiment = yield from bps.rd(gateway.experiment.experiment_name, default_value="")
     args = {"experimentName": experiment, "prefix": gateway.prefix, "blueskyPv": ours.pvname,

@@ -81,7 +81,7 @@ def dm_workflow_wrapper(
     ``expected_files`` new files (None: all it has seen) first. A failed job closes the run
     with ``exit_status`` ``fail`` and raises WorkflowFailed if ``raise_on_failure``.
     """
-    channels = channels or PvaChannels(gateway.prefix)
+    channels = channels or gateway.pva
     wf = gateway.workflow(request.slot)
     daq = gateway.daq(daq_slot) if daq_slot else None
     run = _Run({})
