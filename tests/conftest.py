@@ -117,6 +117,31 @@ class DmServer:
         return DmClient(DmConfig.from_env({}, setup_file=str(self.setup_file)))
 
 
+_CHILD_ENV = "APSDM_TEST_CHILD"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run an ``own_process`` test in a new interpreter and fail if it fails there.
+
+    pyepics keeps one libca context per process and the suite re-creates it for every IOC
+    (``use_ca``); a test that restarts an IOC under dozens of live CA channels has crashed
+    the worker process (SIGSEGV inside libca) when it ran after many other tests, and never
+    alone. In its own process it starts from a clean libca, with every assertion intact.
+    """
+    if pyfuncitem.get_closest_marker("own_process") is None or os.environ.get(_CHILD_ENV):
+        return None
+    root = Path(__file__).resolve().parent.parent
+    child = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "-o", "addopts=", pyfuncitem.nodeid], cwd=root, capture_output=True, text=True,
+        env={**os.environ, _CHILD_ENV: "1"}, timeout=600)
+    if child.returncode != 0:
+        pytest.fail(f"in its own process, exit {child.returncode}:\n"
+                    f"{child.stdout[-6000:]}\n{child.stderr[-3000:]}", pytrace=False)
+    return True
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Print the figures tests recorded (``record_property("figures", text)``) after the run,
     on the controller, so they reach the output with two workers too (load, soak)."""

@@ -67,6 +67,7 @@ def dm_calls(log: str) -> set[str]:
     return names
 
 
+@pytest.mark.own_process
 def test_allow_list_holds_for_every_writable_pv_on_both_protocols(tmp_path: Path) -> None:
     """With every command ready to start real work (saved settings of an existing experiment,
     directory, file and workflow), a client not on the list changes nothing on CA or PVA."""
