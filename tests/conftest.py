@@ -117,6 +117,12 @@ class DmServer:
         return DmClient(DmConfig.from_env({}, setup_file=str(self.setup_file)))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Grouped tests first (the load group, whose 10-minute soak is the longest test), so with
+    two workers the soak starts at once and the rest of the suite runs beside it."""
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
 _CHILD_ENV = "APSDM_TEST_CHILD"
 
 
