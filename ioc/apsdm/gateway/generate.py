@@ -27,16 +27,18 @@ def artifacts() -> dict[str, str]:
     return {**db_template.files(), **opi_files()}
 
 
-def differences(root: Path) -> list[str]:
-    """Paths under root whose content differs from what the generators produce now."""
-    return [path for path, text in artifacts().items()
+def differences(root: Path, files: dict[str, str] | None = None) -> list[str]:
+    """Paths under root whose content differs from ``files`` (by default: what the
+    generators produce now)."""
+    files = artifacts() if files is None else files
+    return [path for path, text in files.items()
             if not (root / path).is_file() or (root / path).read_text() != text]
 
 
 def write(root: Path) -> list[str]:
     """Write the generated files that changed; return their paths."""
-    files = artifacts()
-    changed = differences(root)
+    files = artifacts()  # rendered once, for the comparison and the writing
+    changed = differences(root, files)
     for path in changed:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_text(files[path])
