@@ -20,8 +20,8 @@ from p4p.client.thread import Context
 
 from .pva import PvaChannels
 
-__all__ = ["NO_YES", "UPLOAD_MODES", "DMDaq", "DMExperiment", "DMGateway", "DMMetadata",
-           "DMStatus", "DMUpload", "DMWorkflow"]
+__all__ = ["NO_YES", "UPLOAD_MODES", "DMBeamtime", "DMDaq", "DMEsaf", "DMExperiment",
+           "DMGateway", "DMMetadata", "DMProposal", "DMStatus", "DMUpload", "DMWorkflow"]
 
 #: Enum strings that plans write or compare (a test checks them against the IOC's schema).
 NO_YES = ("No", "Yes")
@@ -140,6 +140,39 @@ class DMStatus(_Concise):
     poll_period = _readback("PollPeriod_RBV", Kind.config)
 
 
+class _Beamtime(_Concise):
+    """What ESAFs and proposals share: the id tied to the experiment and its APS DB fields."""
+
+    beamtime_id = _setting("Id", readback="Id_RBV", kind=Kind.normal)  # read() says which
+    title = _readback("Title_RBV", Kind.config, text=True)
+    pi = _readback("Pi_RBV", Kind.config, text=True)
+    users = _readback("Users_RBV", Kind.config, text=True)
+    start_date = _readback("StartDate_RBV", Kind.config, text=True)
+    end_date = _readback("EndDate_RBV", Kind.config, text=True)
+    valid = _readback("Valid_RBV", text=True)
+    message = _readback("Message_RBV", Kind.omitted, text=True)
+
+
+class DMEsaf(_Beamtime):
+    """``Esaf:`` — the ESAF of the selected experiment (DM's APS DB service), as apsbss."""
+
+    esaf_status = _readback("Status_RBV", Kind.config, text=True)
+    sector = _readback("Sector_RBV", Kind.config, text=True)
+
+
+class DMProposal(_Beamtime):
+    """``Proposal:`` — the beamtime proposal of the selected experiment, as apsbss."""
+
+    run = _readback("Run_RBV", Kind.config, text=True)
+
+
+class DMBeamtime(_Concise):
+    """``Beamtime:`` — select the experiment for an ESAF/proposal, creating it if DM has none."""
+
+    experiment_name = _setting("Experiment")
+    message = _readback("Message_RBV", Kind.omitted, text=True)
+
+
 SLOT_GROUPS = (("daq", DMDaq, "DAQ"), ("up", DMUpload, "UP"), ("wf", DMWorkflow, "WF"))
 
 
@@ -154,6 +187,9 @@ class DMGateway(_Concise):
     experiment = Cpt(DMExperiment, "Experiment:")
     metadata = Cpt(DMMetadata, "Metadata:", kind=Kind.config)
     health = Cpt(DMStatus, "Status:", kind=Kind.config)
+    esaf = Cpt(DMEsaf, "Esaf:", kind=Kind.config)
+    proposal = Cpt(DMProposal, "Proposal:", kind=Kind.config)
+    beamtime = Cpt(DMBeamtime, "Beamtime:", kind=Kind.omitted)
     slot_counts: tuple[int, int, int] | None = None  # set on the generated classes
 
     def __new__(cls, prefix: str = "DM:", *, n_daq: int = 4, n_upload: int = 4,

@@ -23,40 +23,67 @@ from .errors import WorkflowFailed
 from .progress import DEFAULT_POLL_PERIOD, Progress, Timing, wait_until
 from .pva import StreamSignal, StreamState, TableSignal
 from .reports import RunReport, UserSetup
-from .stubs import JobHandle, select_experiment, start_daq, upload, wait_workflow
+from .stubs import (
+    JobHandle,
+    select_beamtime,
+    select_experiment,
+    start_daq,
+    upload,
+    wait_workflow,
+)
 from .wrappers import WorkflowRequest, dm_workflow_wrapper
 
-__all__ = ["file_collection_plan", "setup_user", "streaming_collection_plan"]
+__all__ = ["beamtime_experiment_name", "file_collection_plan", "setup_user",
+           "streaming_collection_plan"]
 
 log = logging.getLogger("apsdm_ophyd")
 
 
-def setup_user(gateway: DMGateway, dm_experiment_name: str, data_directory: str | None = None,
-               daq_dest: str = "", upload_file: str | None = None, upload_dest: str = "",
+def setup_user(gateway: DMGateway, dm_experiment_name: str = "",
+               data_directory: str | None = None, daq_dest: str = "",
+               upload_file: str | None = None, upload_dest: str = "",
                daq_slot: int = 1, upload_slot: int = 1,
-               upload_timeout: float = Timing.upload_timeout) -> MsgGenerator[UserSetup]:
+               upload_timeout: float = Timing.upload_timeout, *, esaf_id: str | int = "",
+               proposal_id: str | int = "") -> MsgGenerator[UserSetup]:
     """Prepare DM for a user: select the experiment, reuse or start a DAQ, upload a file.
 
-    The IOC remembers the experiment (across restarts too), so later plans need no name.
+    With ``esaf_id`` and/or ``proposal_id`` the experiment (default name
+    :func:`beamtime_experiment_name`) is selected, or created in DM if it has none, and the
+    ids are tied to it on the gateway (``Esaf:Id``, ``Proposal:Id``: checked in DM's APS DB
+    service); later runs record them in ``data_management``. The IOC remembers the
+    experiment and its ties (across restarts too), so later plans need no name.
     A DAQ is started only when ``data_directory`` is given (``daq_dest``: experiment
     subdirectory); an upload only when ``upload_file`` is. Raises GatewayError with the
     gateway's reason when DM refuses any step.
     """
+    esaf_id, proposal_id = str(esaf_id).strip(), str(proposal_id).strip()
+    name = dm_experiment_name or beamtime_experiment_name(esaf_id, proposal_id)
     timing = Timing(upload_timeout=upload_timeout)
-    yield from select_experiment(gateway.experiment, dm_experiment_name)
-    log.info("DM experiment %s selected", dm_experiment_name)
+    if esaf_id or proposal_id:
+        yield from select_beamtime(gateway, name, esaf_id, proposal_id)
+    else:
+        yield from select_experiment(gateway.experiment, name)
+    log.info("DM experiment %s selected", name)
     daq_id = upload_id = ""
     if data_directory is not None:
         daq_id = yield from start_daq(gateway.daq(daq_slot), str(data_directory), daq_dest,
                                       timing)
-        log.info("DAQ %s copies %s into %s/%s", daq_id, data_directory, dm_experiment_name,
-                 daq_dest)
+        log.info("DAQ %s copies %s into %s/%s", daq_id, data_directory, name, daq_dest)
     if upload_file is not None:
         upload_id = yield from upload(gateway.upload(upload_slot), str(upload_file),
                                       upload_dest, timing)
-        log.info("uploaded %s into %s/%s (%s)", upload_file, dm_experiment_name, upload_dest,
-                 upload_id)
-    return UserSetup(dm_experiment_name, daq_id, upload_id)
+        log.info("uploaded %s into %s/%s (%s)", upload_file, name, upload_dest, upload_id)
+    return UserSetup(name, daq_id, upload_id, esaf_id, proposal_id)
+
+
+def beamtime_experiment_name(esaf_id: str = "", proposal_id: str = "") -> str:
+    """The experiment ``setup_user`` uses for a proposal (``proposal-77777``), else for an
+    ESAF (``esaf-271828``), when it is given no name."""
+    if proposal_id:
+        return f"proposal-{proposal_id}"
+    if esaf_id:
+        return f"esaf-{esaf_id}"
+    raise ValueError("setup_user needs dm_experiment_name, esaf_id or proposal_id")
 
 
 def file_collection_plan(

@@ -84,6 +84,10 @@ def preflight(gateway: DMGateway, workflows: TableSignal | None, wf: DMWorkflow 
     if not experiment or valid != YES:
         problems.append(f"no valid DM experiment selected ({experiment!r}): run setup_user first")
     dm: dict[str, Any] = {"experiment": experiment}
+    for key, beamtime in (("esaf_id", gateway.esaf), ("proposal_id", gateway.proposal)):
+        tied = str((yield from bps.rd(beamtime.beamtime_id, default_value="")))
+        if tied:  # the ESAF / proposal setup_user tied to the experiment
+            dm[key] = tied
     if wf is not None:
         dm.update(workflow=workflow, owner=owner, workflow_slot=wf.prefix)
         problems += check_job_args(args or {})

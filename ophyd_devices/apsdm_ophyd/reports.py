@@ -33,6 +33,8 @@ class UserSetup:
     experiment: str
     daq_id: str = ""
     upload_id: str = ""
+    esaf_id: str = ""
+    proposal_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from apsdm.dm import paths as dm_paths
 from apsdm.dm.errors import InvalidArgument
-from apsdm.dm.records import RESERVED_JOB_KEYS
+from apsdm.dm.records import RESERVED_JOB_KEYS, numeric_id
 
 #: a DM account name (workflow owner): it becomes a URL path segment, so no '/', '?', ' ', ...
 _USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]*")
@@ -47,6 +47,14 @@ def relative_path(label: str, path: str) -> str:
     """A destination inside the experiment by DM's own rule (:mod:`apsdm.dm.paths`)."""
     try:
         return str(dm_paths.relative_path(path, label)) if path else ""
+    except InvalidArgument as exc:
+        raise PutRejected(exc.message) from None
+
+
+def digits(label: str, value: str) -> str:
+    """An ESAF or proposal id as DM's APS DB service takes it: digits (blank: none)."""
+    try:
+        return str(numeric_id(value.strip(), label))  # DM's ids are numbers: no leading zeros
     except InvalidArgument as exc:
         raise PutRejected(exc.message) from None
 

@@ -16,11 +16,12 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-from apsdm.dm import CommunicationError, Daq, DmError, Job, NoAnswer, Upload
+from apsdm.dm import CommunicationError, Daq, DmError, Job, NoAnswer, ObjectNotFound, Upload
 from apsdm.dm.api import DmApi
 
-from .checks import PutRejected, absolute_path, job_args, json_object, relative_path
+from .checks import PutRejected, absolute_path, digits, job_args, json_object, relative_path
 from .hub import OK, STATUS_COMM, Hub, Writer, coerce, state_alarm
+from .poller import look_up_beamtime
 from .schema import PV, Kind, Record
 from .state import DmState, Snapshot
 
@@ -82,6 +83,7 @@ class Commands:
                 continue
             if self.hub.handlers.get(name) == self.owner_setting:
                 self.state.set_owner(_slot(pv), self.hub[name])
+        await self.show_ties()
 
     async def setting(self, pv: PV, value: Any, _writer: Writer) -> Any:
         """Check a setting (its schema check, where it can be checked alone), store and save it."""
@@ -127,8 +129,63 @@ class Commands:
                 experiment = await self.dm.get_experiment(name)
             except DmError as exc:
                 raise _dm_refusal(f"experiment {name!r} not selected", exc) from None
-        await self.state.select(name, experiment)
+        await self._selected(name, experiment)
+        await self.hub.post(self.hub.message_pv(pv), "", OK)
+        return name
+
+    async def _selected(self, name: str, experiment: Any) -> None:
+        """Select an experiment DM answered for, with the ESAF and proposal tied to it."""
+        esaf, proposal = (await look_up_beamtime(self.dm, self.state, name) if name
+                          else (None, None))
+        await self.state.select(name, experiment, esaf, proposal)
+        await self.show_ties()
         log.info("experiment %r selected", name)
+
+    async def show_ties(self) -> None:
+        """Esaf:Id and Proposal:Id show the ids tied to the selected experiment."""
+        for kind in ("Esaf", "Proposal"):
+            await self.hub.post(f"{self.p}{kind}:Id", self.state.tied(kind))
+
+    # --- ESAF and proposal --------------------------------------------------------------
+
+    async def select_beamtime(self, pv: PV, value: str, _writer: Writer) -> str:
+        """Esaf:Id / Proposal:Id: look the id up in DM's APS DB service and tie it to the
+        selected experiment (blank: untie)."""
+        kind = pv.group
+        value = digits(pv.name, value) if value.strip() else ""
+        experiment = self._experiment()
+        found = None
+        if value:
+            await self._dm_ready()
+            try:
+                found = await (self.dm.get_esaf(value) if kind == "Esaf"
+                               else self.dm.get_proposal(value))
+            except DmError as exc:
+                raise _dm_refusal(f"{kind} {value} not tied to {experiment}", exc) from None
+        await self.state.tie(kind, value, found)
+        log.info("%s %r tied to experiment %s", kind, value, experiment)
+        await self.hub.post(self.hub.message_pv(pv), "", OK)
+        return value
+
+    async def beamtime_experiment(self, pv: PV, name: str, _writer: Writer) -> str:
+        """Beamtime:Experiment: select the named experiment, first creating it in DM if DM
+        has none (Esaf:Id / Proposal:Id written next tie to it)."""
+        name = name.strip()
+        if not name:
+            raise PutRejected(f"{pv.name}: name the experiment")
+        await self._dm_ready()
+        try:
+            experiment = await self.dm.get_experiment(name)
+        except ObjectNotFound:
+            try:
+                experiment = await self.dm.add_experiment(name)
+            except DmError as exc:
+                raise _dm_refusal(f"experiment {name!r} not created", exc) from None
+            log.info("experiment %r created in DM", name)
+        except DmError as exc:
+            raise _dm_refusal(f"experiment {name!r} not selected", exc) from None
+        await self._selected(name, experiment)
+        await self.hub.post(f"{self.p}Experiment:Name", name)
         await self.hub.post(self.hub.message_pv(pv), "", OK)
         return name
 

@@ -6,14 +6,17 @@ table; each poll's outcome (a snapshot, DM unreachable, or a refused call) goes 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
-from apsdm.dm import CommunicationError, DmError, Experiment, Job, ObjectNotFound
+from apsdm.dm import CommunicationError, DmError, Esaf, Job, ObjectNotFound, Proposal
 from apsdm.dm.api import DmApi
 
 from .schema import JOBS_SHOWN
-from .state import DmState, Snapshot
+from .state import DmState, Lookup, Snapshot
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # DM's DEFAULT list keys plus what the slots and the Stages table show
 JOB_KEYS = ["id", "owner", "status", "stage", "startTime", "endTime", "runTime",
@@ -75,16 +78,19 @@ class Poller:
         self._job_skip, self._full = skips, False
         await self.state.polled(snap, lookup)
 
-    async def _look_up_selection(self) -> tuple[int, Experiment | None]:
-        """The selected experiment as DM has it now (None if deleted), and which selection."""
+    async def _look_up_selection(self) -> Lookup:
+        """The selected experiment as DM has it now (None if deleted) with its tied ESAF
+        and proposal, and which selection."""
         selection, name = self.state.selection, self.state.selected
         if not name:
-            return selection, None
+            return selection, None, None, None
         try:
-            return selection, await self.dm.get_experiment(name)
+            experiment = await self.dm.get_experiment(name)
         except ObjectNotFound as exc:  # deleted in DM: no longer selected
             log.warning("selected experiment %s: %s", name, exc)
-            return selection, None
+            return selection, None, None, None
+        esaf, proposal = await look_up_beamtime(self.dm, self.state, name)
+        return selection, experiment, esaf, proposal
 
     async def _list_jobs(self, owner: str, skips: dict[str, tuple[int, str]]
                          ) -> tuple[list[Job], bool]:
@@ -111,3 +117,23 @@ class Poller:
         newest = sorted(jobs.values(), key=lambda j: j.submission_time, reverse=True)
         keep = {j.id for j in newest[:JOBS_SHOWN]} | set(self.state.ids.values())
         return {i: j for i, j in jobs.items() if i in keep or not j.finished}
+
+
+
+async def look_up_beamtime(dm: DmApi, state: DmState, experiment: str
+                           ) -> tuple[Esaf | None, Proposal | None]:
+    """The ESAF and proposal tied to ``experiment`` as DM's APS DB has them (None: none
+    tied, or no longer known there, which is logged); nothing is asked for an untied one."""
+    esaf_id, proposal_id = state.tied("Esaf", experiment), state.tied("Proposal", experiment)
+    return (await _beamtime(lambda: dm.get_esaf(esaf_id), f"ESAF {esaf_id}", experiment)
+            if esaf_id else None,
+            await _beamtime(lambda: dm.get_proposal(proposal_id), f"proposal {proposal_id}",
+                            experiment) if proposal_id else None)
+
+
+async def _beamtime(get: Callable[[], Awaitable[T]], what: str, experiment: str) -> T | None:
+    try:
+        return await get()
+    except ObjectNotFound as exc:
+        log.warning("%s of experiment %s: %s", what, experiment, exc)
+        return None

@@ -97,6 +97,10 @@ def _record_of(state: DmState, pv: PV, record: Record | None) -> Any:
         return state.experiment
     if record is Record.SNAPSHOT:
         return state.snapshot
+    if record is Record.ESAF:
+        return state.esaf
+    if record is Record.PROPOSAL:
+        return state.proposal
     assert record is not None
     return state.followed(record, f"{pv.group}{pv.slot}")
 

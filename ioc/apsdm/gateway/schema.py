@@ -49,6 +49,8 @@ class Record(StrEnum):
     UPLOAD = "upload"  # the Upload its slot follows
     JOB = "job"  # the Job its slot follows
     SNAPSHOT = "snapshot"  # the last poll as a whole
+    ESAF = "esaf"  # the Esaf tied to the selected experiment (None: none)
+    PROPOSAL = "proposal"  # the Proposal tied to the selected experiment (None: none)
 
 
 @dataclass(frozen=True)
@@ -360,6 +362,46 @@ STREAM = (
        check=checks.stream_value),
 )
 
+# --- ESAF and proposal of the selected experiment (APS DB service), like the apsbss IOC ---
+# Esaf:Id / Proposal:Id tie an ESAF / a beamtime proposal to the selected experiment (kept per
+# experiment across restarts); Beamtime:Experiment selects, or creates, the experiment for them.
+
+
+def _beamtime(record: Record, what: str) -> tuple[Field, ...]:
+    """Readbacks ESAFs and proposals share: id, title, PI, users, dates, found."""
+    return (
+        _f("Id", S, f"{what} id of the experiment", writable=True, check=checks.digits,
+           command="select_beamtime"),
+        _f("Id_RBV", S, f"{what} id", source=of(record, "id")),
+        _f("Title_RBV", LS, f"{what} title", source=of(record, "title")),
+        _f("Pi_RBV", LS, f"{what} principal investigator", source=of(record, "pi")),
+        _f("Users_RBV", LS, f"{what} users", source=Source(record, lambda b: ", ".join(b.users))),
+        _f("StartDate_RBV", S, f"{what} start", source=of(record, "start")),
+        _f("EndDate_RBV", S, f"{what} end", source=of(record, "end")),
+        _f("Valid_RBV", E, f"Id resolved to a {what}", enums=NO_YES,
+           source=Source(record, lambda _b: 1)),
+        _f("Message_RBV", LS, "Why an id was refused"),
+    )
+
+
+ESAF = (
+    *_beamtime(Record.ESAF, "ESAF"),
+    _f("Status_RBV", S, "ESAF status", source=of(Record.ESAF, "status")),
+    _f("Sector_RBV", S, "ESAF sector", source=of(Record.ESAF, "sector")),
+)
+
+PROPOSAL = (
+    *_beamtime(Record.PROPOSAL, "Proposal"),
+    _f("Run_RBV", S, "Proposal run (cycle)", source=of(Record.PROPOSAL, "run")),
+)
+
+BEAMTIME = (
+    _f("Experiment", S, "Select or create for ESAF/proposal", writable=True,
+       command="beamtime_experiment"),
+    _f("Message_RBV", LS, "Why it was refused"),
+)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Prefix and slot counts: everything that varies between gateway instances."""
@@ -382,6 +424,9 @@ def build(layout: Layout = Layout()) -> list[PV]:
     pvs += [PV(f"{p}Status:{f.suffix}", "Status", 0, f) for f in STATUS]
     pvs += [PV(f"{p}{f.suffix}", "", 0, f) for f in TABLES]
     pvs += [PV(f"{p}Stream:{f.suffix}", "Stream", 0, f) for f in STREAM]
+    pvs += [PV(f"{p}{g}:{f.suffix}", g, 0, f)
+            for g, fields in (("Esaf", ESAF), ("Proposal", PROPOSAL), ("Beamtime", BEAMTIME))
+            for f in fields]
     return pvs
 
 

@@ -247,7 +247,9 @@ def build(layout: Layout) -> list[Screen]:
     screens = [
         _overview(layout),
         _detail("experiment", "Experiment   $(P)",
-                [("Experiment", group["Experiment"]), ("Run metadata", group["Metadata"])],
+                [("Experiment", group["Experiment"]), ("Run metadata", group["Metadata"]),
+                 ("ESAF", group["Esaf"]), ("Proposal", group["Proposal"]),
+                 ("Experiment for ESAF / proposal", group["Beamtime"])],
                 tables["experiment"]),
         _detail("status", "Gateway status   $(P)", [("Gateway", group["Status"])], []),
     ]

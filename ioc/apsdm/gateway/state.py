@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from apsdm.dm import CommunicationError, Daq, Experiment, Job, Upload, Workflow
+from apsdm.dm import CommunicationError, Daq, Esaf, Experiment, Job, Proposal, Upload, Workflow
 
 from .checks import is_username
 from .persist import Persistence
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MISSING_POLLS = 5  # polls in a row without a followed object before giving up on it
 SELECTION = "Experiment:Name"  # the setting that keeps the selection across restarts
+TIES = "Beamtime"  # the saved ESAF/proposal ids of each experiment: {name: {"Esaf": id, ...}}
 
 
 @dataclass
@@ -39,6 +40,10 @@ class Snapshot:
     workflows: list[Workflow] = field(default_factory=list)
     requests: int = 0  # DM calls the client had made by the end of this poll
     polls: int = 0
+
+
+#: what a poll looked up for the selection: which selection, its experiment, ESAF, proposal
+Lookup = tuple[int, Experiment | None, Esaf | None, Proposal | None]
 
 
 class Link(StrEnum):
@@ -68,6 +73,8 @@ class DmState:
         self.snapshot = Snapshot()
         self.selected: str = persist.settings.get(SELECTION, "")  # the name asked for
         self.experiment: Experiment | None = None  # what DM answered for it
+        self.esaf: Esaf | None = None  # what DM's APS DB answered for the tied ids
+        self.proposal: Proposal | None = None
         self.selection = 0  # bumped by select: a lookup begun before must not undo it
         self.link = Link.STARTING
         self.why = ""  # why DM could not be reached
@@ -95,6 +102,11 @@ class DmState:
         slots started and every valid WFn:Owner (so old settings add no DM calls)."""
         settings = {o for o in self._owner_settings.values() if is_username(o)}
         return set(self._persist.owners.values()) | settings
+
+    def tied(self, kind: str, experiment: str | None = None) -> str:
+        """The ``Esaf`` or ``Proposal`` id tied to an experiment (default: the selected one)."""
+        name = self.selected if experiment is None else experiment
+        return str(self._persist.settings.get(TIES, {}).get(name, {}).get(kind, ""))
 
     def followed(self, record: Record, slot: str) -> Any:
         """The DM object ``slot`` follows, as the last poll saw it (None: none)."""
@@ -161,12 +173,13 @@ class DmState:
         self._polling = True
 
     async def polled(self, snap: Snapshot,
-                     lookup: tuple[int, Experiment | None] | None = None) -> None:
+                     lookup: Lookup | None = None) -> None:
         """A poll reached DM: take its snapshot and, from ``lookup`` (the selection it
-        looked up, and DM's answer), the selected experiment unless a command chose anew."""
+        looked up, and DM's answers), the selected experiment and its ESAF and proposal
+        unless a command chose anew."""
         self.snapshot = snap
         if lookup is not None and lookup[0] == self.selection:
-            self.experiment = lookup[1]
+            self.experiment, self.esaf, self.proposal = lookup[1:]
         await self._ended_with(Link.UP, "")
 
     async def unreachable(self, why: str) -> None:
@@ -196,13 +209,28 @@ class DmState:
 
     # --- what commands change -----------------------------------------------------------
 
-    async def select(self, name: str, experiment: Experiment | None) -> None:
-        """Make ``experiment`` (looked up by a command) the selected one, at once, and keep
-        its name for restarts."""
+    async def select(self, name: str, experiment: Experiment | None,
+                     esaf: Esaf | None = None, proposal: Proposal | None = None) -> None:
+        """Make ``experiment`` (looked up by a command, with its tied ESAF and proposal) the
+        selected one, at once, and keep its name for restarts."""
         self.selected, self.experiment = name, experiment
+        self.esaf, self.proposal = esaf, proposal
         self.selection += 1
         self.save_setting(SELECTION, name)
-        await self.observer.changed(self, only=Record.EXPERIMENT)
+        for record in (Record.EXPERIMENT, Record.ESAF, Record.PROPOSAL):
+            await self.observer.changed(self, only=record)
+
+    async def tie(self, kind: str, beamtime_id: str, found: Esaf | Proposal | None) -> None:
+        """Tie an ESAF or proposal id (looked up by a command: ``found``) to the selected
+        experiment, show it at once and keep it for restarts (blank id: untie)."""
+        ties = dict(self._persist.settings.get(TIES, {}))
+        mine = {**ties.get(self.selected, {}), kind: beamtime_id}
+        ties[self.selected] = {k: v for k, v in mine.items() if v}
+        self.save_setting(TIES, {k: v for k, v in ties.items() if v})
+        record = Record.ESAF if kind == "Esaf" else Record.PROPOSAL
+        setattr(self, record.value, found)
+        self.selection += 1  # a lookup begun before must not undo it
+        await self.observer.changed(self, only=record)
 
     def remember(self, slot: str, obj_id: str, owner: str = "") -> None:
         """Follow what a slot started and keep its id (and job owner) on disk for restarts;

@@ -4,6 +4,7 @@ Like the ophyd (v1) devices they know only PV names, never the IOC package. Busy
 :class:`BusyCommand` movables whose ``set()`` completes when the IOC's action ends.
 """
 
+from .beamtime import DMBeamtime, DMEsaf, DMProposal
 from .command import BusyCommand, CommandFailed
 from .daq import DMDaq
 from .enums import Connection, HandshakeState, NoYes, StartCommand, StopCommand, UploadCommand, UploadMode
@@ -28,11 +29,14 @@ __all__ = [
     "BusyCommand",
     "CommandFailed",
     "Connection",
+    "DMBeamtime",
     "DMDaq",
+    "DMEsaf",
     "DMExperiment",
     "DMGateway",
     "DMHealth",
     "DMMetadata",
+    "DMProposal",
     "DMStream",
     "DMStreamSide",
     "DMTransfer",

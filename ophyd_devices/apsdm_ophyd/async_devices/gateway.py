@@ -1,7 +1,9 @@
-"""The whole gateway as one ophyd-async device: experiment, slots, metadata, health, tables, stream."""
+"""The whole gateway as one ophyd-async device: experiment, slots, metadata, health, tables,
+stream, ESAF and proposal."""
 
 from ophyd_async.core import DeviceVector, StandardReadable
 
+from .beamtime import DMBeamtime, DMEsaf, DMProposal
 from .daq import DMDaq
 from .experiment import DMExperiment
 from .health import DMHealth
@@ -27,6 +29,9 @@ class DMGateway(StandardReadable):
         self.metadata = DMMetadata(f"{prefix}Metadata:")
         self.health = DMHealth(f"{prefix}Status:")
         self.stream = DMStream(f"{prefix}Stream:")
+        self.esaf = DMEsaf(f"{prefix}Esaf:")
+        self.proposal = DMProposal(f"{prefix}Proposal:")
+        self.beamtime = DMBeamtime(f"{prefix}Beamtime:")
         self.experiments = readback(ExperimentsTable, prefix, "Experiments")
         self.daqs = readback(TransfersTable, prefix, "DAQs")
         self.uploads = readback(TransfersTable, prefix, "Uploads")

@@ -4,6 +4,7 @@ All I/O is bluesky messages (``bps.rd``, ``bps.abs_set``, ``bps.wait``), every w
 of short waits with checkpoints (:func:`apsdm_ophyd.progress.wait_until`).
 """
 
+from .beamtime import select_beamtime
 from .io import release, run_command, write
 from .metadata import METADATA_LIMIT, run_metadata, share_metadata
 from .transfers import (
@@ -19,6 +20,6 @@ from .transfers import (
 from .workflow import JobHandle, release_workflow, start_workflow, wait_workflow
 
 __all__ = ["METADATA_LIMIT", "DaqBaseline", "JobHandle", "daq_baseline", "release",
-           "release_workflow", "run_command", "run_metadata", "select_experiment",
+           "release_workflow", "run_command", "run_metadata", "select_beamtime", "select_experiment",
            "share_metadata", "start_daq", "start_upload", "start_workflow", "upload",
            "wait_daq_files", "wait_upload", "wait_workflow", "write"]
