@@ -2,9 +2,10 @@
 
 This is the one place to correct a route. ``verified=False`` marks a guess: the DAQ
 service's stop/upload/list/get routes and the catalog routes were never seen in a capture
-(dm-protocol.md section 2.4), so they follow the style of the verified ones. The verified
-DS, PROC and startDaq routes are in real captures (dmax's tests); the APS DB ones in dmax's
-source. tests/test_dmax.py drives every route dmax knows with dmax itself.
+(dm-protocol.md section 2.4), so they follow the style of the verified ones. Every other
+route names what verifies it in :data:`VERIFIED_BY`: a real capture in dmax's tests, which
+tests/data/dm_captures.json keeps and tests/replay_dm.py serves back to the client.
+tests/test_dmax.py drives every route dmax knows with dmax itself.
 
 Templates: ``{x}`` is a plain segment, ``{x:e}`` a DM-encoded free-text segment.
 Query parameters keep their order; kind ``e`` is encoded text, ``j`` encoded JSON,
@@ -162,9 +163,8 @@ ROUTES: dict[str, Route] = {
            "datasetInfo:j", verified=False),
         _r("getExperimentFile", "GET", CAT, "/dm/filesByExperiment/{experimentName:e}/{experimentFilePath:e}",
            verified=False),
-        # APS DB service: the with-beamline routes are verified by dmax 0.0.10's
-        # scheduling.py (written against the real service; station and beamline encoded).
-        # The station-only forms are what dmax sends for no beamline (it drops "/b''").
+        # APS DB service: station and beamline encoded. The station-only forms are what
+        # dmax sends for no beamline (it drops "/b''").
         _r("listStationEsafs", "GET", APS_DB,
            "/dm/esaf/stationEsafs/{stationName:e}/{beamlineName:e}", "year:p"),
         _r("listStationEsafsAllBeamlines", "GET", APS_DB, "/dm/esaf/stationEsafs/{stationName:e}",
@@ -177,6 +177,27 @@ ROUTES: dict[str, Route] = {
         _r("getStationProposalById", "GET", APS_DB,
            "/dm/bss/stationProposalsById/{stationName:e}/{proposalId}", "runName:p"),
     )
+}
+
+_CAPTURE = "a real DM response and URL captured in dmax 0.0.10 tests/"
+#: What verifies each route not marked ``verified=False`` (tests/test_replay.py checks that
+#: every route is one or the other, and that each capture named is in tests/data/).
+VERIFIED_BY: dict[str, str] = {
+    "getExperimentByName": _CAPTURE + "test_data_storage.py::test_get_experiment_by_name",
+    "getExperimentById": _CAPTURE + "test_data_storage.py::test_get_experiment_by_id",
+    "getExperimentsByStation": _CAPTURE + "test_data_storage.py::test_get_experiments",
+    "startDaq": _CAPTURE + "test_data_archive.py::test_start_data_archive_queue",
+    "listWorkflows": _CAPTURE + "test_processing.py::test_get_workflows",
+    "getWorkflowByName": _CAPTURE + "test_processing.py::test_get_workflow",
+    "addWorkflow": _CAPTURE + "test_processing.py::test_add_new_workflow",
+    "updateWorkflow": _CAPTURE + "test_processing.py::test_set_workflow",
+    "startProcessingJob": _CAPTURE + "test_processing.py::test_submit_processing_job",
+    "listProcessingJobs": _CAPTURE + "test_processing.py::test_get_processing_jobs",
+    "getProcessingJobById": _CAPTURE + "test_processing.py::test_get_processing_job",
+    "listStationEsafs": _CAPTURE + "test_scheduling.py::test_get_esafs",
+    "getStationEsafById": _CAPTURE + "test_scheduling.py::test_get_esaf",
+    "listStationProposals": _CAPTURE + "test_scheduling.py::test_get_proposals",
+    "getStationProposalById": _CAPTURE + "test_scheduling.py::test_get_proposal",
 }
 
 LOGIN_PATH = "/dm/login"
