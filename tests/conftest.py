@@ -95,6 +95,7 @@ class DmServer:
     port: int
     proc: subprocess.Popen[str] | None = None
     url: str = ""
+    extra: list[str] = field(default_factory=list)  # more apsdm-server options (--tls on)
 
     @property
     def setup_file(self) -> Path:
@@ -104,7 +105,7 @@ class DmServer:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc, line = _start(
             [str(BIN / "apsdm-server"), "--data-root", str(self.data_root), "--port", str(self.port),
-             "--log-level", "DEBUG"], self.data_root.parent / "dm-server.log", env)
+             "--log-level", "DEBUG", *self.extra], self.data_root.parent / "dm-server.log", env)
         self.url = re.search(r"url=(\S+)", line).group(1)  # type: ignore[union-attr]
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from typing import Any
 
 import httpx
@@ -19,6 +20,7 @@ from .config import DmConfig
 from .errors import (
     AuthenticationError,
     CommunicationError,
+    ConfigurationError,
     NoAnswer,
     error_from_status,
 )
@@ -35,10 +37,9 @@ _MAYBE_RECEIVED = (httpx.ReadTimeout, httpx.WriteTimeout, httpx.ReadError, httpx
 class _Session:
     """One service's HTTP connection and login cookie (each DM service has its own)."""
 
-    def __init__(self, base_url: str, timeout: float) -> None:
+    def __init__(self, base_url: str, timeout: float, verify: ssl.SSLContext | bool) -> None:
         self.base_url = base_url
-        # DM services use self-signed certificates; the vendor client does not verify either
-        self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, verify=False)
+        self.http = httpx.AsyncClient(base_url=base_url, timeout=timeout, verify=verify)
         self.logged_in = False
         self.lock = asyncio.Lock()
 
@@ -49,11 +50,12 @@ class DmClient(DmClientBase):
     def __init__(self, config: DmConfig) -> None:
         super().__init__(config)
         self._sessions: dict[str, _Session] = {}
+        self._verify = _tls_verification(config)
 
     def _session(self, service: Service) -> _Session:
         url = self.config.url(service)
         if url not in self._sessions:
-            self._sessions[url] = _Session(url, self.config.timeout)
+            self._sessions[url] = _Session(url, self.config.timeout, self._verify)
         return self._sessions[url]
 
     async def close(self) -> None:
@@ -224,6 +226,25 @@ class DmClient(DmClientBase):
         d = await self.call("getStationProposalById", stationName=self.station,
                             proposalId=proposal_id, runName=run or None)
         return Proposal.from_dict(d)
+
+
+def _tls_verification(config: DmConfig) -> ssl.SSLContext | bool:
+    """Verify HTTPS certificates against the configured CA file (DM_CA_FILE); without one,
+    do as the vendor client does (DM serves self-signed certificates): no verification.
+    Says which, once, when a service is reached over HTTPS."""
+    https = any(url.startswith("https:") for url in config.urls.values())
+    if not config.ca_file:
+        if https:
+            log.info("DM over HTTPS: certificates not verified (no DM_CA_FILE), "
+                     "as the vendor client")
+        return False
+    try:
+        context = ssl.create_default_context(cafile=config.ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigurationError(f"DM_CA_FILE {config.ca_file} unusable: {exc}") from None
+    if https:
+        log.info("DM over HTTPS: certificates verified against %s", config.ca_file)
+    return context
 
 
 def _why(exc: httpx.HTTPError) -> str:

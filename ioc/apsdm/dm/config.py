@@ -66,6 +66,7 @@ class DmConfig:
     login_file: str = ""
     station: str = ""
     timeout: float = 10.0
+    ca_file: str = ""  # DM_CA_FILE: verify the services' TLS certificates against it
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, setup_file: str = "",
@@ -84,7 +85,8 @@ class DmConfig:
             for svc in Service
             if merged.get(f"DM_{svc.name}_WEB_SERVICE_URL")
         }
-        return cls(urls, merged.get("DM_LOGIN_FILE", ""), merged.get("DM_STATION_NAME", ""), timeout)
+        return cls(urls, merged.get("DM_LOGIN_FILE", ""), merged.get("DM_STATION_NAME", ""), timeout,
+                   merged.get("DM_CA_FILE", ""))
 
     @classmethod
     def single_url(cls, url: str, login_file: str = "", station: str = "",

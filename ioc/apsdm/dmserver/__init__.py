@@ -32,6 +32,7 @@ from .experiments import Experiments
 from .processing import Processing
 from .rest import app_runner
 from .store import Store
+from .tls import is_loopback, server_context
 from .watch import WatchHub
 
 __all__ = ["EmbeddedService", "start_service"]
@@ -73,13 +74,16 @@ def _ensure_login_file(path: Path) -> Credentials:
     return Credentials.from_login_file(path)
 
 
-def _write_setup_file(path: Path, url: str, login_file: Path, station: str) -> None:
+def _write_setup_file(path: Path, url: str, login_file: Path, station: str,
+                      ca_file: Path | None) -> None:
     """Write dm.setup.sh pointing every DM service variable at this service (atomically)."""
     lines = [f"# DM environment of the embedded DM service at {url}",
              "# (written by apsdm-server at every start: the port may change)"]
     lines += [f"export DM_{svc.name}_WEB_SERVICE_URL={url}" for svc in Service]
     lines += [f"export DM_LOGIN_FILE={shlex.quote(str(login_file))}",
               f"export DM_STATION_NAME={station}"]
+    if ca_file is not None:  # the certificate it serves: clients that verify trust it
+        lines += [f"export DM_CA_FILE={shlex.quote(str(ca_file))}"]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, path)
@@ -92,14 +96,25 @@ def _url_host(host: str) -> str:
 
 
 async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
-                        station: str = "APSDM") -> EmbeddedService:
-    """Start the service in the running loop; returns once it listens (port 0: any free one)."""
+                        station: str = "APSDM", tls: bool = False, cert: Path | None = None,
+                        key: Path | None = None) -> EmbeddedService:
+    """Start the service in the running loop; returns once it listens (port 0: any free one).
+
+    ``tls``: serve HTTPS with ``cert`` and ``key``, or a self-signed certificate made on
+    first start. Plain HTTP is refused on an address other hosts reach: the DM password
+    would cross the network in clear.
+    """
     try:
         check_name(station, "station name")
     except InvalidArgument as exc:
         raise ConfigurationError(exc.message) from None
+    if not tls and not is_loopback(host):
+        raise ConfigurationError(
+            f"plain HTTP on {host} refused: other hosts would send the DM password in clear "
+            "(serve TLS, or listen on loopback)")
     data_root = Path(data_root).resolve()
     data_root.mkdir(parents=True, exist_ok=True)
+    ssl_context, ca_file = server_context(data_root, host, cert, key) if tls else (None, None)
     login_file = data_root / "dm.login"
     credentials = _ensure_login_file(login_file)
     store = Store(data_root / "dm.sqlite")
@@ -122,15 +137,15 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
         daqs.recover()
         uploads.recover()
         await runner.setup()
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     except BaseException:
         await runner.cleanup()
         for close in closers:
             await close()
         raise
     bound_port = runner.addresses[0][1]
-    url = f"http://{_url_host(host)}:{bound_port}"
+    url = f"{'https' if tls else 'http'}://{_url_host(host)}:{bound_port}"
     setup_file = data_root / "dm.setup.sh"
-    _write_setup_file(setup_file, url, login_file, station)
+    _write_setup_file(setup_file, url, login_file, station, ca_file)
     log.info("DM service for station %s at %s (data root %s)", station, url, data_root)
     return EmbeddedService(url, login_file, setup_file, station, data_root, runner, closers)

@@ -13,6 +13,7 @@ from apsdm import logs
 from apsdm.dm.errors import DmError
 
 from . import start_service
+from .tls import is_loopback
 
 log = logging.getLogger("apsdm.dmserver.main")
 
@@ -36,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--station", default="APSDM", metavar="NAME",
                         help="DM station name written as DM_STATION_NAME and used for new "
                              "experiments (default APSDM)")
+    parser.add_argument("--tls", choices=("auto", "on", "off"), default="auto",
+                        help="serve HTTPS: 'auto' (default) on any address but loopback, or "
+                             "when a certificate is given; plain HTTP is refused off loopback. "
+                             "The certificate is named in dm.setup.sh as DM_CA_FILE")
+    parser.add_argument("--tls-cert", type=Path, default=None, metavar="FILE",
+                        help="TLS certificate (PEM) to serve; default: a self-signed one "
+                             "made on first start, <data-root>/tls/dm.crt")
+    parser.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
+                        help="private key (PEM) of --tls-cert")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging threshold of the messages written to stderr "
@@ -44,7 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    service = await start_service(args.data_root, args.port, args.host, args.station)
+    tls = args.tls == "on" or (args.tls == "auto" and (
+        args.tls_cert is not None or not is_loopback(args.host)))
+    service = await start_service(args.data_root, args.port, args.host, args.station, tls,
+                                  args.tls_cert, args.tls_key)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
