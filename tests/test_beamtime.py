@@ -96,6 +96,12 @@ def test_esaf_and_proposal_of_the_selected_experiment_on_ca_and_pva(ioc: Ioc, dm
         assert why in get(ioc, "Esaf:Message_RBV") and alarm(ioc, "Esaf:Message_RBV") > 0
         assert get(ioc, "Esaf:Id_RBV") == "271828"
 
+    for bad, why in (("", "name the experiment"), ("a/b", "not created")):
+        put(ioc, "Beamtime:Experiment", bad)  # refused with why; the selection stays
+        assert why in get(ioc, "Beamtime:Message_RBV")
+        assert alarm(ioc, "Beamtime:Message_RBV") > 0
+        assert get(ioc, "Experiment:Name_RBV") == first
+
     put(ioc, "Experiment:Name", second)  # another experiment: no ESAF, no proposal
     assert (get(ioc, "Esaf:Id"), get(ioc, "Esaf:Title_RBV"), get(ioc, "Esaf:Valid_RBV")) == (
         "", "", "No")
@@ -104,12 +110,14 @@ def test_esaf_and_proposal_of_the_selected_experiment_on_ca_and_pva(ioc: Ioc, dm
     assert (get(ioc, "Esaf:Id"), get(ioc, "Esaf:Title_RBV")) == ("271828", ESAF["esafTitle"])
 
     ioc.restart()  # ties are kept across restarts, looked up again at the first poll
-    assert get(ioc, "Esaf:Id") == "271828"
-    deadline = asyncio.run(_until(lambda: get(ioc, "Proposal:Run_RBV") == "2026-1"))
-    assert deadline, "the restarted IOC did not show the proposal again"
+    assert asyncio.run(_until(lambda: get(ioc, "Esaf:Id") == "271828")), "ESAF tie lost"
+    assert asyncio.run(_until(lambda: get(ioc, "Proposal:Run_RBV") == "2026-1")), (
+        "the restarted IOC did not show the proposal again")
 
 
-async def _until(condition: Any, timeout: float = 20) -> bool:
+async def _until(condition: Any, timeout: float = 60) -> bool:
+    """Whether ``condition`` comes true within ``timeout`` s (the IOC restarts, clients
+    reconnect by themselves)."""
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     while loop.time() < end:
