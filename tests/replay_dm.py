@@ -8,6 +8,9 @@ whose path arguments are the same (numbers compared as numbers, so ``0158394`` i
 sets a session cookie; a request without it gets 401, as from DM. A route without a capture
 answers ObjectNotFound in DM's headers, except the DAQ and upload lists, which are empty (no
 capture of them exists: a DM with no DAQs).
+
+Only dmax's captures are complete responses; dm-protocol.md adds the form of DM's errors
+(section 2.5), which the replay uses for what it has no capture of.
 """
 
 from __future__ import annotations
@@ -123,9 +126,11 @@ class ReplayDm:
         if name in EMPTY_LISTS:
             return self._send(req, 200, b"[]")
         self.missed.append(name)
-        self._send(req, 200, b"", {"Dm-Status-Code": "14",
-                                   "Dm-Status-Message": f"no capture of {name}",
-                                   "Dm-Exception-Type": "ObjectNotFound"})
+        why = f"no capture of {name}"  # DM's error form (dm-protocol.md 2.5): headers and body
+        body = {"errorMessage": why, "errorCode": 14, "exceptionType": "ObjectNotFound"}
+        self._send(req, 200, json.dumps(body).encode(), {
+            "Dm-Status-Code": "14", "Dm-Status-Message": why,
+            "Dm-Exception-Type": "ObjectNotFound"})
 
     @staticmethod
     def _send(req: BaseHTTPRequestHandler, status: int, body: bytes,

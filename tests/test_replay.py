@@ -15,7 +15,18 @@ import pytest
 from conftest import make_ioc
 from replay_dm import USERNAME, ReplayDm, load_captures
 
-from apsdm.dm import Daq, DmClient, DmConfig, Esaf, Experiment, Job, Proposal, Workflow, routes
+from apsdm.dm import (
+    Daq,
+    DmClient,
+    DmConfig,
+    Esaf,
+    Experiment,
+    Job,
+    ObjectNotFound,
+    Proposal,
+    Workflow,
+    routes,
+)
 from apsdm.dm.records import RESERVED_JOB_KEYS
 
 pytestmark = pytest.mark.timeout(120)
@@ -151,9 +162,12 @@ def test_client_parses_every_capture_with_no_field_lost(
                 assert [r.raw for r in parsed] == (sent if isinstance(sent, list) else [sent])
                 for record in parsed:
                     _check_fields(record, capture["source"])
+            with pytest.raises(ObjectNotFound, match="no capture of getExperimentByName"):
+                await dm.get_experiment("never-captured")
 
     asyncio.run(go())
-    assert sorted(set(server.served)) == sorted(CALLS) and not server.missed
+    assert sorted(set(server.served)) == sorted(CALLS)
+    assert server.missed == ["getExperimentByName"]
 
 
 def _check_fields(record: Any, source: str) -> None:
