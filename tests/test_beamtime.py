@@ -109,6 +109,14 @@ def test_esaf_and_proposal_of_the_selected_experiment_on_ca_and_pva(ioc: Ioc, dm
     put(ioc, "Experiment:Name", first)  # back: its ties come back
     assert (get(ioc, "Esaf:Id"), get(ioc, "Esaf:Title_RBV")) == ("271828", ESAF["esafTitle"])
 
+    data_file = ioc.setup_file.parent / "apsdb.json"
+    data_file.write_text("{not json")  # an unreadable APS DB never blocks the selection
+    put(ioc, "Experiment:Name", second)
+    put(ioc, "Experiment:Name", first)
+    assert (get(ioc, "Experiment:Name_RBV"), get(ioc, "Experiment:Message_RBV")) == (first, "")
+    assert (get(ioc, "Esaf:Id"), get(ioc, "Esaf:Valid_RBV")) == ("271828", "No")  # tie kept
+    with_aps_db(ioc)
+
     ioc.restart()  # ties are kept across restarts, looked up again at the first poll
     assert asyncio.run(_until(lambda: get(ioc, "Esaf:Id") == "271828")), "ESAF tie lost"
     assert asyncio.run(_until(lambda: get(ioc, "Proposal:Run_RBV") == "2026-1")), (

@@ -123,7 +123,7 @@ class Poller:
 async def look_up_beamtime(dm: DmApi, state: DmState, experiment: str
                            ) -> tuple[Esaf | None, Proposal | None]:
     """The ESAF and proposal tied to ``experiment`` as DM's APS DB has them (None: none
-    tied, or no longer known there, which is logged); nothing is asked for an untied one."""
+    tied, or refused by DM, which is logged); nothing is asked for an untied one."""
     esaf_id, proposal_id = state.tied("Esaf", experiment), state.tied("Proposal", experiment)
     return (await _beamtime(lambda: dm.get_esaf(esaf_id), f"ESAF {esaf_id}", experiment)
             if esaf_id else None,
@@ -132,8 +132,12 @@ async def look_up_beamtime(dm: DmApi, state: DmState, experiment: str
 
 
 async def _beamtime(get: Callable[[], Awaitable[T]], what: str, experiment: str) -> T | None:
+    """One APS DB look-up; a refusal (unknown id, unreadable APS DB) shows none and is
+    logged, so it never keeps the experiment from being selected or polled."""
     try:
         return await get()
-    except ObjectNotFound as exc:
+    except CommunicationError:
+        raise
+    except DmError as exc:
         log.warning("%s of experiment %s: %s", what, experiment, exc)
         return None
