@@ -142,11 +142,14 @@ def test_daq_remove_source_files(dm_server: DmServer, tmp_path: Path) -> None:
     assert _files(_run(dm_server, go).data_directory) == {"a.h5"}
 
 
-def test_skip_transfer_catalogues_files_in_place(dm_server: DmServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["files", "directory"])
+def test_skip_transfer_catalogues_files_in_place(dm_server: DmServer, tmp_path: Path,
+                                                 mode: str) -> None:
     source = _tree(tmp_path / "src", "a.h5")
 
     async def go(dm: Any) -> tuple[Experiment, dict[str, Any]]:
-        experiment, upload = await _uploaded(dm, "in-place", source, skipTransfer=True)
+        experiment, upload = await _uploaded(dm, "in-place", source, skipTransfer=True,
+                                             processingMode=mode)
         assert (upload.status, upload.n_processed) == ("done", 1)
         return experiment, await dm.get_experiment_file("in-place", "a.h5")
 
