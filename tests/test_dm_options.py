@@ -223,6 +223,25 @@ def test_upload_on_exit(dm_server: DmServer, tmp_path: Path) -> None:
         "a.h5", "final/notes.txt", "final/cfg/setup.json"}
 
 
+def test_upload_on_exit_of_a_vanished_directory(dm_server: DmServer, tmp_path: Path) -> None:
+    """The directory is gone when the DAQ ends: the DAQ's record says why no upload ran."""
+    source = _tree(tmp_path / "src", "a.h5")
+    extra = _tree(tmp_path / "extra", "notes.txt")
+
+    async def go(dm: Any) -> Any:
+        await dm.add_experiment("exit-gone")
+        daq = await dm.start_daq("exit-gone", str(source), uploadDataDirectoryOnExit=str(extra))
+        (extra / "notes.txt").unlink()
+        extra.rmdir()
+        await dm.stop_daq("exit-gone", str(source))
+        assert await dm.list_uploads() == []
+        return await dm.get_daq(daq.id)
+
+    daq = _run(dm_server, go)
+    assert daq.status == "done"
+    assert "upload on exit" in daq.raw["errorMessage"] and "does not exist" in daq.raw["errorMessage"]
+
+
 def test_reprocess_files(dm_server: DmServer, tmp_path: Path) -> None:
     """A file already copied (same size and mtime) is copied again only with reprocessFiles."""
     source = _tree(tmp_path / "src", "a.h5")

@@ -72,6 +72,7 @@ class DaqService(TransferService):
         except DmError as exc:
             doc["errorMessage"] = f"upload on exit of {directory} not started: {exc.message}"
             log.warning("daq %s: %s", doc["id"], doc["errorMessage"])
+            self._saver.save(doc)
             return
         log.info("daq %s ended: upload %s of %s started", doc["id"], upload["id"], directory)
 
