@@ -64,7 +64,8 @@ def test_busy_commands_use_put_completion() -> None:
 
 def test_enum_strings_the_plans_use() -> None:
     fields = {(pv.group, pv.suffix): pv.field for pv in build(Layout())}
-    for key in [("Experiment", "Valid_RBV"), ("DAQ", "Active_RBV"), ("WF", "WaitForOthers")]:
+    for key in [("Experiment", "Valid_RBV"), ("DAQ", "Active_RBV"), ("WF", "WaitForOthers"),
+                ("DAQ", "RemoveSource"), ("UP", "RemoveSource")]:
         assert fields[key].enums == NO_YES
     assert fields[("UP", "Mode")].enums == UPLOAD_MODES
 

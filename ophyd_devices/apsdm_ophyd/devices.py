@@ -69,9 +69,19 @@ class DMExperiment(_Concise):
 
 
 class _Transfer(_Concise):
-    """What DAQs and uploads share: a destination in the experiment and copy progress."""
+    """What DAQs and uploads share: a destination in the experiment, the DM options Start
+    passes (the common ones, and the rest as a JSON object), copy progress and the count of
+    processing jobs the per-file workflow started."""
 
     dest_directory = _setting("DestDirectory")
+    include_extensions = _setting("IncludeExtensions")
+    skip_pattern = _setting("SkipPattern")
+    workflow = _setting("Workflow")
+    workflow_owner = _setting("WorkflowOwner")
+    workflow_args = _setting("WorkflowArgs")
+    remove_source = _setting("RemoveSource")
+    options = _setting("Options")
+    n_jobs = _readback("NJobs_RBV")
     n_files = _readback("NFiles_RBV")
     n_processed = _readback("NProcessed_RBV", Kind.hinted)
     n_errors = _readback("NErrors_RBV")

@@ -121,9 +121,10 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
     hub = WatchHub()
     experiments = Experiments(store, data_root / "storage", station, credentials.username)
     catalog = Catalog(store, experiments.find)
-    daqs = DaqService(store, experiments.find, catalog.add_files, hub)
-    uploads = UploadService(store, experiments.find, catalog.add_files)
     processing = Processing(store, data_root / "jobs")
+    uploads = UploadService(store, experiments.find, catalog.add_files, processing)
+    daqs = DaqService(store, experiments.find, catalog.add_files, hub, processing,
+                      uploads.upload)
 
     async def close_rest() -> None:
         await hub.close()

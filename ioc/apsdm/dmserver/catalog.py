@@ -36,8 +36,8 @@ class Catalog:
         return doc
 
     def add_files(self, experiment: str, entries: list[tuple[str, int, str]]) -> None:
-        """Catalogue copied files (path, size, md5) in one transaction; a copy of a newer
-        version updates its record."""
+        """Catalogue copied files (path, size, md5; "" for none) in one transaction; a copy
+        of a newer version updates its record."""
         old = self._store.files(experiment, [path for path, _, _ in entries])
         docs = []
         for path, size, md5 in entries:
@@ -46,7 +46,7 @@ class Catalog:
                 "fileName": PurePosixPath(path).name,
                 "experimentFilePath": path,
                 "fileSize": size,
-                "md5Sum": md5,
+                **({"md5Sum": md5} if md5 else {}),  # none under skipChecksum
                 "experimentName": experiment,
             })
         self._store.save_files(docs)

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from apsdm.dm.errors import InvalidArgument, ObjectNotFound
+from apsdm.dm.errors import DmError, InvalidArgument, ObjectNotFound
 from apsdm.dm.paths import relative_path
 
+from . import options as opts
 from .common import FindExperiment, existing_directory, flag, local_directory
 from .daqrunner import DaqRunner
 from .filters import file_filter
+from .processing import Processing
 from .store import Doc, Store
 from .transfer import CatalogFiles, Transfer, TransferService
 from .uploadrunner import run_upload
@@ -24,6 +27,8 @@ log = logging.getLogger(__name__)
 
 MODES = ("files", "directory")  # an upload's processingMode
 
+StartUpload = Callable[[str, str, Doc], Doc]  # experiment, data directory, daqInfo
+
 
 class DaqService(TransferService):
     """startDaq, stopDaq, listDaqs, getDaqInfo."""
@@ -31,9 +36,10 @@ class DaqService(TransferService):
     kind = "daq"
 
     def __init__(self, store: Store, find_experiment: FindExperiment, catalog: CatalogFiles,
-                 hub: WatchHub) -> None:
-        super().__init__(store, find_experiment, catalog)
+                 hub: WatchHub, processing: Processing, upload: StartUpload) -> None:
+        super().__init__(store, find_experiment, catalog, processing)
         self._hub = hub
+        self._upload = upload  # for uploadDataDirectoryOnExit
         self._runners: dict[str, DaqRunner] = {}
 
     def _work(self, transfer: Transfer) -> Coroutine[Any, Any, None]:
@@ -42,10 +48,33 @@ class DaqService(TransferService):
         return self._run(runner)
 
     async def _run(self, runner: DaqRunner) -> None:
+        doc = runner.transfer.doc
+        limit = opts.run_time_seconds(doc)  # maxRunTimeInHours: the DAQ stops itself
+        timer = None if limit is None else asyncio.get_running_loop().call_later(
+            max(0.0, float(doc["startTime"]) + limit - time.time()), runner.stop)
         try:
             await runner.run()
         finally:
+            if timer is not None:
+                timer.cancel()
             self._runners.pop(runner.transfer.id, None)
+        if doc["status"] == "done":
+            self._upload_on_exit(doc)
+
+    def _upload_on_exit(self, doc: Doc) -> None:
+        """uploadDataDirectoryOnExit: upload that directory once the DAQ has ended."""
+        wanted = opts.exit_upload(doc)
+        if wanted is None:
+            return
+        directory, info = wanted
+        try:
+            upload = self._upload(doc["experimentName"], directory, info)
+        except DmError as exc:
+            doc["errorMessage"] = f"upload on exit of {directory} not started: {exc.message}"
+            log.warning("daq %s: %s", doc["id"], doc["errorMessage"])
+            self._saver.save(doc)
+            return
+        log.info("daq %s ended: upload %s of %s started", doc["id"], upload["id"], directory)
 
     def _active(self, experiment: str, source: Path) -> DaqRunner | None:
         for runner in self._runners.values():
@@ -65,7 +94,8 @@ class DaqService(TransferService):
         options = dict(taskInfo or {})
         flag(options, "processExistingFiles", True)  # refuse a bad value now, not in the DAQ
         file_filter(options)
-        doc = self._new_doc(experiment, source, options)
+        self._check_options(options, experiment)
+        doc = self._new_doc(opts.root(experiment, options), source, options)
         transfer = self._transfer(doc)
         self._launch(transfer)
         log.info("daq %s: %s -> %s", transfer.id, source, transfer.target)
@@ -107,11 +137,12 @@ class UploadService(TransferService):
             raise InvalidArgument(f"processingMode must be one of {', '.join(MODES)}")
         flag(options, "reprocessFiles", False)  # refuse a bad value now, not in the upload
         file_filter(options)
+        self._check_options(options, experiment)
         if options.get("experimentFilePath") is not None:
             one = relative_path(options["experimentFilePath"], "experimentFilePath")
             if not (source / one).is_file():
                 raise InvalidArgument(f"experimentFilePath {one} is not a file in {source}")
-        doc = self._new_doc(experiment, source, options)
+        doc = self._new_doc(opts.root(experiment, options), source, options)
         self._launch(self._transfer(doc))
         return doc
 

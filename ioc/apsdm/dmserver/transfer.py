@@ -37,6 +37,8 @@ from .copying import (
     stage_file,
 )
 from .filters import file_filter
+from .options import AfterCopy, check, root
+from .processing import Processing
 from .store import Doc, Store, ThrottledSaver
 
 log = logging.getLogger(__name__)
@@ -201,13 +203,31 @@ class Transfer:
 
     async def _copy_batch(self, batch: list[Wanted], skip_copied: bool) -> list[str]:
         """Copy one batch (one sync for all), then catalogue and count it in one go."""
-        outcome = await asyncio.to_thread(self._stage_and_commit, batch, skip_copied)
+        if flag(self.doc, "skipTransfer", False):
+            outcome = await asyncio.to_thread(self._in_place, batch)
+        else:
+            outcome = await asyncio.to_thread(self._stage_and_commit, batch, skip_copied)
         for rel, error in outcome.errors:
             self._set(rel, ERROR, error)
         self.record_all(outcome.copied)
         for rel in outcome.present:
             await self.found_copied(rel)
         return outcome.changed
+
+    def _in_place(self, batch: list[Wanted]) -> _Outcome:
+        """In a worker thread, under skipTransfer: take each file where it lies (its size,
+        and its md5 unless skipChecksum), copying nothing."""
+        outcome = _Outcome()
+        checksum = not flag(self.doc, "skipChecksum", False)
+        for rel, _ in batch:
+            try:
+                if checksum:
+                    outcome.copied.append((rel, *size_md5(self.source / rel)))
+                else:
+                    outcome.copied.append((rel, (self.source / rel).stat().st_size, ""))
+            except OSError as exc:
+                outcome.errors.append((rel, describe(exc)))
+        return outcome
 
     def _stage_and_commit(self, batch: list[Wanted], skip_copied: bool) -> _Outcome:
         """In a worker thread: stage every file of a batch, then commit them together."""
@@ -284,10 +304,11 @@ class TransferService:
     kind = ""  # "daq" or "upload": the record kind in the store
 
     def __init__(self, store: Store, find_experiment: FindExperiment,
-                 catalog: CatalogFiles) -> None:
+                 catalog: CatalogFiles, processing: Processing) -> None:
         self._store = store
         self._find = find_experiment
         self._catalog = catalog
+        self._processing = processing  # runs the jobs of per-file workflows
         self._saver = ThrottledSaver(lambda doc: store.save_transfer(self.kind, doc))
         self._live: dict[str, Transfer] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -295,6 +316,11 @@ class TransferService:
     def _work(self, transfer: Transfer) -> Coroutine[Any, Any, None]:
         """The coroutine that carries a transfer out (DAQ watch, or upload copy)."""
         raise NotImplementedError
+
+    def _check_options(self, options: Doc, experiment: Doc) -> None:
+        """Refuse option values the transfer could not honour (see :func:`options.check`)."""
+        check(options, self.kind, self._processing.getWorkflowByName,
+              experiment["beamlineUserAccount"])
 
     def _new_doc(self, experiment: Doc, source: Path, options: Doc) -> Doc:
         """A new record: the caller's options echoed, then DM's fields."""
@@ -318,10 +344,11 @@ class TransferService:
 
     def _transfer(self, doc: Doc) -> Transfer:
         """Bind a record to its experiment and destination (checks both)."""
-        experiment = self._find(doc["experimentName"])
+        experiment = root(self._find(doc["experimentName"]), doc)
         dest = relative_path(doc["destDirectory"], "destDirectory")
         target = destination(experiment, dest, Path(doc["dataDirectory"]))
-        return Transfer(self.kind, doc, target, self._saver.save, self._catalog,
+        after_copy = AfterCopy(doc, target, self._catalog, self._processing.startProcessingJob)
+        return Transfer(self.kind, doc, target, self._saver.save, after_copy,
                         self._catalogued)
 
     def _catalogued(self, experiment: str, path: str) -> bool:

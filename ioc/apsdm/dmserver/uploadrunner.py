@@ -2,7 +2,8 @@
 
 ``processingMode`` "files" copies file by file and counts each; "directory" copies the whole
 tree into a hidden staging directory first and moves it into place only if every file
-copied, so the counters jump at once. Files already copied (same size and mtime) are
+copied, so the counters jump at once (under ``skipTransfer`` nothing is copied: both modes
+take the files where they are). Files already copied (same size and mtime) are
 skipped unless ``reprocessFiles`` is set, which also makes a resumed upload idempotent.
 """
 
@@ -39,7 +40,7 @@ async def run_upload(transfer: Transfer) -> None:
         files = await asyncio.to_thread(_files, transfer)
         for rel in files:
             transfer.set_state(rel, WAITING)
-        if doc["processingMode"] == "directory":
+        if doc["processingMode"] == "directory" and not flag(doc, "skipTransfer", False):
             await _copy_tree(transfer, sorted(files), reprocess)
         else:
             changed = await transfer.copy_all([(rel, None) for rel in sorted(files)],

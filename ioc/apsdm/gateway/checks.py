@@ -22,6 +22,20 @@ from apsdm.dm.records import RESERVED_JOB_KEYS, numeric_id
 _USERNAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._@-]*")
 #: a job argument: a ``$name`` variable of the workflow's commands
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+#: DM daqInfo options a slot's ``Options`` PV may carry (dm-protocol.md 1.3), by value type;
+#: the common ones have their own PVs and are refused here, naming the PV
+DM_OPTIONS: dict[str, type | tuple[type, ...]] = {
+    "processExistingFiles": bool, "processHiddenFiles": bool, "reprocessFiles": bool,
+    "skipTransfer": bool, "skipChecksum": bool, "skipCatalog": bool,
+    "useAnalysisDirectoryAsRoot": bool, "excludeFileExtensions": str, "filePathPattern": str,
+    "maxRunTimeInHours": (int, float), "uploadDataDirectoryOnExit": str,
+    "uploadDestDirectoryOnExit": str,
+}
+OWN_PVS = {"includeFileExtensions": "IncludeExtensions", "skipFilePathPattern": "SkipPattern",
+           "workflowName": "Workflow", "workflowOwner": "WorkflowOwner",
+           "workflowArgs": "WorkflowArgs",
+           "removeSourceFiles": "RemoveSource", "destDirectory": "DestDirectory",
+           "experimentFilePath": "Path and Mode", "processingMode": "Mode"}
 #: the states of a streaming handshake (``Stream:*``); apsdm_ophyd.pva.STATES copies them
 STREAM_STATES = ("idle", "ready", "acquiring", "done", "error")
 
@@ -105,6 +119,36 @@ def job_args(label: str, text: str) -> dict[str, Any]:
     return args
 
 
+def workflow_args(label: str, text: str) -> str:
+    """DM's ``workflowArgs``: ``key:value`` items separated by spaces, keys variable names
+    that DM does not set itself; anything else is refused with why."""
+    for item in text.split():
+        key, sep, _value = item.partition(":")
+        if not sep or not _VARIABLE.fullmatch(key):
+            raise PutRejected(f"{label}: {item!r} is not key:value (items separated by spaces)")
+        if key in RESERVED_JOB_KEYS or key in ("filePath", "experimentFilePath",
+                                                "experimentName", "dataDirectory"):
+            raise PutRejected(f"{label}: {key!r} is set by DM for each file")
+    return text
+
+
+def dm_options(label: str, text: str) -> dict[str, Any]:
+    """A slot's ``Options``: a JSON object of DM options it may carry, each of its type;
+    an unknown key, or one that has its own PV, is refused with why."""
+    options = json_object(label, text)
+    for key, value in options.items():
+        if key in OWN_PVS:
+            raise PutRejected(f"{label}: set {key} with the slot's {OWN_PVS[key]} PV")
+        wanted = DM_OPTIONS.get(key)
+        if wanted is None:
+            raise PutRejected(f"{label}: {key!r} is not a DM option; known: "
+                              + ", ".join(sorted(DM_OPTIONS)))
+        if not isinstance(value, wanted) or (isinstance(value, bool) and wanted is not bool):
+            kind = {bool: "true or false", str: "a string"}.get(wanted, "a number")
+            raise PutRejected(f"{label}: {key} must be {kind}, not {json.dumps(value)}")
+    return options
+
+
 def as_text(parse: Callable[[str, str], object]) -> Check:
     """A check that parses a text only to refuse bad input, and stores the text as written."""
     def check(label: str, text: str) -> str:
@@ -115,6 +159,7 @@ def as_text(parse: Callable[[str, str], object]) -> Check:
 
 json_object_text = as_text(json_object)
 job_args_text = as_text(job_args)
+dm_options_text = as_text(dm_options)
 
 
 def stream_value(label: str, value: dict[str, Any]) -> dict[str, Any]:

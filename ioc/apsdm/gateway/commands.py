@@ -19,7 +19,16 @@ from typing import Any, TypeVar
 from apsdm.dm import CommunicationError, Daq, DmError, Job, NoAnswer, ObjectNotFound, Upload
 from apsdm.dm.api import DmApi
 
-from .checks import PutRejected, absolute_path, digits, job_args, json_object, relative_path
+from .checks import (
+    PutRejected,
+    absolute_path,
+    digits,
+    dm_options,
+    job_args,
+    json_object,
+    relative_path,
+    workflow_args,
+)
 from .hub import OK, STATUS_COMM, Hub, Writer, coerce, state_alarm
 from .poller import look_up_beamtime
 from .schema import PV, Kind, Record
@@ -250,12 +259,23 @@ class Commands:
         log.info("%s: DM did start the %s: following it", slot, what)
         return found
 
+    def _transfer_options(self, s: str) -> dict[str, Any]:
+        """The DM options a DAQ or upload slot passes at Start: its ``Options`` object, then
+        its option PVs (schema ``Field.option``) that are set; checked like their writes."""
+        info = dm_options(s + "Options", self.hub[s + "Options"])
+        for name, pv in self.hub.pvs.items():
+            if name.startswith(s) and pv.field.option and (value := self.hub[name]):
+                info[pv.field.option] = True if pv.field.kind is Kind.ENUM else value
+        workflow_args(s + "WorkflowArgs", info.get("workflowArgs", ""))
+        return info
+
     async def daq_start(self, pv: PV, _value: int, _writer: Writer) -> None:
         """Start the slot's DAQ, or adopt an active one on the same experiment and tree."""
         s, slot = _group(pv), _slot(pv)
         experiment = self._experiment()
         directory = absolute_path(s + "DataDirectory", self.hub[s + "DataDirectory"])
         dest = relative_path(s + "DestDirectory", self.hub[s + "DestDirectory"])
+        info = self._transfer_options(s)
 
         def on_tree(daq: Daq) -> bool:
             return (daq.active and daq.experiment_name == experiment
@@ -270,9 +290,10 @@ class Commands:
             await self.hub.post(s + "Message_RBV", f"reusing active DAQ {daq.id[:8]}")
         else:  # started in doubt: any active DAQ on the tree is the one to follow
             daq = await self._start(
-                slot, "DAQ", lambda: self.dm.start_daq(experiment, directory, destDirectory=dest),
+                slot, "DAQ", lambda: self.dm.start_daq(experiment, directory,
+                                                       **info, destDirectory=dest),
                 lambda snap: snap.daqs, on_tree)
-        await self._remember(slot, daq.id)
+        await self._remember(slot, daq.id, info.get("workflowOwner", ""))
         await self._follow(lambda snap: snap.daqs.get(daq.id), f"DAQ {daq.id[:8]}",
                            reached=lambda _listed: True)
 
@@ -300,7 +321,7 @@ class Commands:
         experiment = self._experiment()
         path = absolute_path(s + "Path", self.hub[s + "Path"])
         dest = relative_path(s + "DestDirectory", self.hub[s + "DestDirectory"])
-        info: dict[str, Any] = {"destDirectory": dest}
+        info = {**self._transfer_options(s), "destDirectory": dest}
         if self.hub[s + "Mode"] == 0:  # File
             directory, filename = posixpath.split(path)
             info["experimentFilePath"] = filename
@@ -317,7 +338,7 @@ class Commands:
         upload = await self._start(
             slot, "upload", lambda: self.dm.upload(experiment, directory, **info),
             lambda snap: snap.uploads, this_one, since=lambda u: u.start_time)
-        await self._remember(slot, upload.id)
+        await self._remember(slot, upload.id, info.get("workflowOwner", ""))
         final = await self._follow(lambda snap: snap.uploads.get(upload.id),
                                    f"upload {upload.id[:8]}")
         if final.status != "done":

@@ -115,6 +115,7 @@ class Field:
     table: Table | None = None
     check: checks.Check | None = None
     command: str = ""
+    option: str = ""  # DAQ/upload settings: the DM daqInfo key Start passes the value as
     low: float = 0.0  # LONG, DOUBLE: display limits (LOPR, HOPR); equal: none
     high: float = 0.0
 
@@ -225,6 +226,29 @@ def _transfer_counts(rec: Record) -> tuple[Field, ...]:
     )
 
 
+def _transfer_options(rec: Record) -> tuple[Field, ...]:
+    """The DM options a DAQ or upload slot passes at Start: the common ones as their own
+    PVs, the rest as one JSON object; and the processing jobs the per-file workflow started."""
+    return (
+        _f("IncludeExtensions", LS, "Extensions to take, e.g. h5,hdf5", writable=True,
+           autosave=True, option="includeFileExtensions"),
+        _f("SkipPattern", LS, "Paths to skip, e.g. *.tmp,scratch/*", writable=True,
+           autosave=True, option="skipFilePathPattern"),
+        _f("Workflow", S, "Workflow to run once per file", writable=True, autosave=True,
+           option="workflowName"),
+        _f("WorkflowOwner", S, "Its owner (blank: DM user)", writable=True, autosave=True,
+           check=checks.username, option="workflowOwner"),
+        _f("WorkflowArgs", LS, "Per-file job args: key:value ...", writable=True,
+           autosave=True, check=checks.workflow_args, option="workflowArgs"),
+        _f("RemoveSource", E, "Delete source files once copied", writable=True,
+           autosave=True, enums=NO_YES, option="removeSourceFiles"),
+        _f("Options", LS, "More DM options, JSON object", writable=True, autosave=True,
+           check=checks.dm_options_text),
+        _f("NJobs_RBV", L, "Processing jobs started",
+           source=Source(rec, lambda t: int(t.raw.get("nProcessingJobs") or 0))),
+    )
+
+
 def _percent(rec: Record) -> Field:
     return _f("Percent_RBV", D, "Percent complete", egu="%", high=100.0,
               source=Source(rec, lambda t: round(t.percent, 2)))
@@ -243,6 +267,7 @@ DAQ = (
     _percent(DAQ_),
     _f("Active_RBV", E, "DAQ is running", enums=NO_YES,
        source=Source(DAQ_, lambda d: 1 if d.active else 0)),
+    *_transfer_options(DAQ_),
     _f("Message_RBV", LS, "Last message"),
 )
 
@@ -257,6 +282,7 @@ UPLOAD = (
        command="upload_start"),
     *_transfer_counts(UP_),
     _percent(UP_),
+    *_transfer_options(UP_),
     _f("Message_RBV", LS, "Last message"),
 )
 

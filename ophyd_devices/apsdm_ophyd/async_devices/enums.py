@@ -8,7 +8,8 @@ from ophyd_async.core import StrictEnum
 
 
 class NoYes(StrictEnum):
-    """``Experiment:Valid_RBV``, ``DAQn:Active_RBV``, ``WFn:WaitForOthers``."""
+    """``Experiment:Valid_RBV``, ``DAQn:Active_RBV``, ``WFn:WaitForOthers``,
+    ``DAQn:``/``UPn:RemoveSource``."""
 
     NO = "No"
     YES = "Yes"

@@ -3,6 +3,7 @@
 from ophyd_async.core import StandardReadable
 from ophyd_async.core import StandardReadableFormat as Format
 
+from .enums import NoYes
 from .signals import readback, setting
 
 
@@ -14,11 +15,20 @@ class DMTransfer(StandardReadable):
         with self.add_children_as_readables(Format.CONFIG_SIGNAL):
             self.dest_directory = setting(str, prefix, "DestDirectory")
             self.transfer_id = readback(str, prefix, "Id_RBV")
+            # the DM options Start passes: the common ones, the rest as a JSON object
+            self.include_extensions = setting(str, prefix, "IncludeExtensions")
+            self.skip_pattern = setting(str, prefix, "SkipPattern")
+            self.workflow = setting(str, prefix, "Workflow")
+            self.workflow_owner = setting(str, prefix, "WorkflowOwner")
+            self.workflow_args = setting(str, prefix, "WorkflowArgs")
+            self.remove_source = setting(NoYes, prefix, "RemoveSource")
+            self.options = setting(str, prefix, "Options")
         with self.add_children_as_readables():
             self.transfer_status = readback(str, prefix, "Status_RBV")
             self.n_files = readback(int, prefix, "NFiles_RBV")
             self.n_errors = readback(int, prefix, "NErrors_RBV")
             self.percent = readback(float, prefix, "Percent_RBV")
+            self.n_jobs = readback(int, prefix, "NJobs_RBV")  # started by per-file workflow
         with self.add_children_as_readables(Format.HINTED_SIGNAL):
             self.n_processed = readback(int, prefix, "NProcessed_RBV")
         self.message = readback(str, prefix, "Message_RBV")
