@@ -37,8 +37,7 @@ async def run_upload(transfer: Transfer) -> None:
     reprocess = flag(doc, "reprocessFiles", False)
     try:
         files = await asyncio.to_thread(_files, transfer)
-        for rel in files:
-            transfer.set_state(rel, WAITING)
+        transfer.set_states(files, WAITING)
         if doc["processingMode"] == "directory":
             await _copy_tree(transfer, sorted(files), reprocess)
         else:
