@@ -215,7 +215,8 @@ class Bench:
             marks[name] for name in ("10%", "50%", "90%", "100%"))
         first, last = n10 / (t10 - t0), (n100 - n90) / (t100 - t90)
         print(f"long DAQ, {count:,} x 4 KiB written while it runs: service RSS {rss10:.1f} MB "
-              f"at 10%, {rss50:.1f} MB at 50%, {rss100:.1f} MB at 100% (growth {rss100 - rss10:+.1f} MB, target < 20); "
+              f"at 10%, {rss50:.1f} MB at 50%, {rss100:.1f} MB at 100% "
+              f"(growth {rss100 - rss10:+.1f} MB, target < 20); "
               f"{first:,.0f} files/s in the first 10%, {last:,.0f} in the last "
               f"({last / first:.2f}x, target >= 0.9x); {count / (t100 - t0):,.0f} files/s overall")
         with contextlib.suppress(NoAnswer):  # its last rescan may outlast the client's timeout
