@@ -5,12 +5,16 @@ file-mode uploads against ``rsync`` per file, and the latency from a file's clos
 The service runs as its own process (``apsdm-server``), as in production. References are
 medians of BENCH_REPEATS runs, DM figures of BENCH_DM_REPEATS; each is printed with its
 spread (min-max). Sizes: BENCH_SMALL_FILES (comma-separated counts of 4 KiB files,
-default 2000,20000), BENCH_BIG_BYTES (default 1 GiB).
+default 2000,20000; empty: none), BENCH_BIG_BYTES (default 1 GiB; 0: none),
+BENCH_LATENCY_FILES (default 200; 0: none), and BENCH_LONG_FILES for the long DAQ (default
+200,000 small files written while it runs; 0: none), which reports the service's memory
+(RSS) at 10% and 100% and its files/s in the first and last 10%.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import os
 import shutil
@@ -25,13 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from apsdm.dm import DmClient, DmConfig
+from apsdm.dm.errors import NoAnswer
 
-SMALL_COUNTS = [int(n) for n in os.environ.get("BENCH_SMALL_FILES", "2000,20000").split(",")]
+SMALL_COUNTS = [int(n) for n in os.environ.get("BENCH_SMALL_FILES", "2000,20000").split(",") if n]
 BIG_BYTES = int(os.environ.get("BENCH_BIG_BYTES", 1 << 30))
 REPEATS = int(os.environ.get("BENCH_REPEATS", 5))
 DM_REPEATS = int(os.environ.get("BENCH_DM_REPEATS", 3))
 RSYNC_PER_FILE = int(os.environ.get("BENCH_RSYNC_PER_FILE", 200))  # files timed, rate scaled
 LATENCY_FILES = int(os.environ.get("BENCH_LATENCY_FILES", 200))
+LONG_FILES = int(os.environ.get("BENCH_LONG_FILES", 200_000))
+LONG_BACKLOG = 2000  # files the long DAQ's writer keeps ahead of the count at most
 SMALL_SIZE = 4096
 RSYNC = shutil.which("rsync")
 
@@ -67,13 +74,22 @@ class Case:
             f" files/s, {self.nbytes / seconds / 1e6:,.1f} MB/s")
 
 
-def make_small(root: Path, count: int) -> Case:
-    for i in range(count):
+def make_small(root: Path, count: int, start: int = 0) -> Case:
+    """Files start..count-1 of a tree of 4 KiB files, 1,000 to a directory."""
+    for i in range(start, count):
         sub = root / f"scan{i // 1000:03d}"
         if i % 1000 == 0:
             sub.mkdir(parents=True)
         (sub / f"f{i:06d}.dat").write_bytes(os.urandom(SMALL_SIZE))
     return Case(f"{count:,} x 4 KiB", root, count, count * SMALL_SIZE)
+
+
+def rss_mb(pid: int) -> float:
+    """A process's resident memory, in MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 def make_big(root: Path) -> Case:
@@ -171,6 +187,44 @@ class Bench:
         await self.dm.stop_daq("bench", str(src))
         return latencies
 
+    async def long_daq(self, count: int, server: int) -> None:
+        """A DAQ fed ``count`` small files while it runs (its writer keeps at most
+        LONG_BACKLOG ahead): the service's RSS at 10% and 100% counted, files/s in the first
+        and last 10%."""
+        src = self.scratch / "long"
+        src.mkdir()
+        dest = self._dest()
+        daq = await self.dm.start_daq("bench", str(src), destDirectory=dest)
+        await asyncio.sleep(1.0)  # let the DAQ set up its watch
+        tenth = count // 10
+        marks: dict[str, tuple[float, int, float]] = {}  # time, count, RSS at 10/50/90/100%
+        written, processed, t0 = 0, 0, time.perf_counter()
+        while processed < count:
+            if written < count and written - processed < LONG_BACKLOG:
+                more = min(count, written + LONG_BACKLOG // 4)
+                await asyncio.to_thread(make_small, src, more, written)
+                written = more
+            else:
+                await asyncio.sleep(0.05)
+            processed = (await self.dm.get_daq(daq.id)).n_processed
+            for name, at in (("10%", tenth), ("50%", count // 2), ("90%", count - tenth),
+                             ("100%", count)):
+                if processed >= at and name not in marks:
+                    marks[name] = (time.perf_counter(), processed, rss_mb(server))
+        (t10, n10, rss10), (_, _, rss50), (t90, n90, _), (t100, n100, rss100) = (
+            marks[name] for name in ("10%", "50%", "90%", "100%"))
+        first, last = n10 / (t10 - t0), (n100 - n90) / (t100 - t90)
+        print(f"long DAQ, {count:,} x 4 KiB written while it runs: service RSS {rss10:.1f} MB "
+              f"at 10%, {rss50:.1f} MB at 50%, {rss100:.1f} MB at 100% "
+              f"(growth {rss100 - rss10:+.1f} MB, target < 20); "
+              f"{first:,.0f} files/s in the first 10%, {last:,.0f} in the last "
+              f"({last / first:.2f}x, target >= 0.9x); {count / (t100 - t0):,.0f} files/s overall")
+        with contextlib.suppress(NoAnswer):  # its last rescan may outlast the client's timeout
+            await self.dm.stop_daq("bench", str(src))
+        await until(lambda: self._daq_ended(daq.id))
+        shutil.rmtree(src)
+        shutil.rmtree(self.storage / dest)
+
 
 def ratios(dm: Timing, refs: dict[str, Timing | None]) -> str:
     return ", ".join(f"{dm.median / ref.median:.2f}x {name}"
@@ -242,8 +296,8 @@ async def measure(bench: Bench, case: Case) -> None:
 
 
 @contextmanager
-def dm_server(root: Path) -> Iterator[Path]:
-    """An apsdm-server process; yields its dm.setup.sh."""
+def dm_server(root: Path) -> Iterator[tuple[Path, int]]:
+    """An apsdm-server process; yields its dm.setup.sh and its process id."""
     exe = Path(sys.executable).with_name("apsdm-server")
     proc = subprocess.Popen([str(exe), "--data-root", str(root), "--log-level", "WARNING"],
                             stdout=subprocess.PIPE, text=True)
@@ -252,7 +306,7 @@ def dm_server(root: Path) -> Iterator[Path]:
         line = proc.stdout.readline()
         if not line.startswith("READY"):
             raise RuntimeError(f"apsdm-server did not start: {line!r}")
-        yield root / "dm.setup.sh"
+        yield root / "dm.setup.sh", proc.pid
     finally:
         proc.terminate()
         proc.wait(30)
@@ -262,7 +316,7 @@ async def run(work: Path) -> None:
     print(f"dm_copy, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
           f"{os.cpu_count()} CPUs; references: median of {REPEATS}, DM: median of {DM_REPEATS}"
           + ("" if RSYNC else "; rsync absent (apt-get install rsync): its ratios are missing"))
-    with dm_server(work / "dm") as setup:
+    with dm_server(work / "dm") as (setup, server):
         async with DmClient(DmConfig.from_env({}, setup_file=str(setup))) as dm:
             exp = await dm.add_experiment("bench")
             bench = Bench(dm, Path(exp.data_directory), work)
@@ -273,15 +327,18 @@ async def run(work: Path) -> None:
                 case = make_small(work / f"small-{count}", count)
                 await measure(bench, case)
                 shutil.rmtree(case.tree)
-            case = make_big(work / "big")
-            await measure(bench, case)
-            shutil.rmtree(case.tree)
-            latencies = sorted(await bench.latency())
-            p50, p99 = (latencies[int(q * (len(latencies) - 1))] for q in (0.5, 0.99))
-            print(f"close-to-counted latency (DM's nProcessedFiles; the IOC adds up to one poll "
-                  f"period), {len(latencies)} files: p50 {p50 * 1e3:.0f} ms, "
-                  f"p99 {p99 * 1e3:.0f} ms")
-    print("not measured: the 200,000-file long DAQ (memory, first/last 10% rate)")
+            if BIG_BYTES:
+                case = make_big(work / "big")
+                await measure(bench, case)
+                shutil.rmtree(case.tree)
+            if LATENCY_FILES:
+                latencies = sorted(await bench.latency())
+                p50, p99 = (latencies[int(q * (len(latencies) - 1))] for q in (0.5, 0.99))
+                print(f"close-to-counted latency (DM's nProcessedFiles; the IOC adds up to one "
+                      f"poll period), {len(latencies)} files: p50 {p50 * 1e3:.0f} ms, "
+                      f"p99 {p99 * 1e3:.0f} ms")
+            if LONG_FILES:
+                await bench.long_daq(LONG_FILES, server)
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -110,5 +111,44 @@ def test_batches_copy_each_file_once_with_its_checksum(tmp_path: Path, how: str,
                 assert (record["fileSize"], record["md5Sum"]) == (
                     (src / rel).stat().st_size, md5(src / rel)), rel
                 assert md5(dest / "out" / rel) == md5(src / rel)
+
+    asyncio.run(go())
+
+
+def test_daq_keeps_its_per_file_state_in_the_store(tmp_path: Path) -> None:
+    """A running DAQ's per-file state is one store row per file, at the version copied (not
+    objects in its memory); a file changed after its copy is copied again and still counted
+    once; once the DAQ ends only its counts remain."""
+    src = tmp_path / "data"
+    src.mkdir()
+    for i in range(30):
+        (src / f"f{i:02d}.dat").write_bytes(bytes([i]) * (10 * i + 1))
+
+    def rows(daq_id: str) -> dict[str, tuple[str, int, int]]:
+        with sqlite3.connect(tmp_path / "dm" / "dm.sqlite") as db:
+            return {path: (state, size, mtime) for path, state, size, mtime in db.execute(
+                "SELECT path, state, size, mtime_ns FROM transfer_files WHERE transfer = ?",
+                (daq_id,))}
+
+    async def go() -> None:
+        async with service_client(tmp_path / "dm") as dm:
+            exp = await dm.add_experiment("rows")
+            daq = await dm.start_daq("rows", str(src))
+
+            async def copied(content: bytes = b"") -> bool:
+                d = await dm.get_daq(daq.id)
+                copy = Path(exp.data_directory) / "f07.dat"
+                return d.n_processed == 30 and (not content or copy.read_bytes() == content)
+            await until(copied, 60, "first copies")
+            stats = {p.name: p.stat() for p in src.iterdir()}
+            assert rows(daq.id) == {name: ("done", st.st_size, st.st_mtime_ns)
+                                    for name, st in stats.items()}
+            (src / "f07.dat").write_bytes(b"changed")
+            await until(lambda: copied(b"changed"), 60, "the changed file copied again")
+            assert rows(daq.id)["f07.dat"][1:] == (7, (src / "f07.dat").stat().st_mtime_ns)
+            await dm.stop_daq("rows", str(src))
+            final = await dm.get_daq(daq.id)
+            assert (final.n_files, final.n_processed, final.n_errors) == (30, 30, 0)
+            assert rows(daq.id) == {}
 
     asyncio.run(go())

@@ -30,7 +30,6 @@ class DaqRunner:
         self._hub = hub
         self._existing = flag(transfer.doc, "processExistingFiles", True)
         self._started = float(transfer.doc["startTime"])
-        self._processed: dict[str, FileStat] = {}  # the version each file was handled at
         self._waiting: dict[str, tuple[FileStat, float]] = {}  # version seen, unchanged since
         self._dirty: set[str] = set()  # paths named by watch events since the last pass
         self._closed: set[str] = set()  # of those, the ones their writer closed
@@ -93,8 +92,7 @@ class DaqRunner:
         dirty, self._dirty = self._dirty, set()
         closed, self._closed = self._closed, set()
         if rescan:
-            found = await asyncio.to_thread(list_files, self.transfer.source,
-                                            self.transfer.hidden, self._handled)
+            found = await asyncio.to_thread(self._list_unhandled)
             found = {rel: seen for rel, seen in found.items() if self.transfer.wanted(rel)}
             checked = found.keys() | self._waiting.keys()
         else:
@@ -102,10 +100,14 @@ class DaqRunner:
             found = await asyncio.to_thread(self._stat, checked)
         self._observe(found, checked, closed)
 
-    def _handled(self, rel: str, version: FileStat) -> bool:
-        """Whether a file was copied at this version and is not waiting (read from the
-        rescan's thread: single dict lookups, safe under the GIL)."""
-        return self._processed.get(rel) == version and rel not in self._waiting
+    def _list_unhandled(self) -> dict[str, tuple[FileStat, float]]:
+        """In a worker thread: the tree's files, less those copied (or failed) at their
+        current version, looked up one by one in the store (a waiting file has no version)."""
+        with self.transfer.files.lookup() as lookup:
+            def handled(rel: str, version: FileStat) -> bool:
+                known = lookup(rel)
+                return known is not None and known[1] == version
+            return list_files(self.transfer.source, self.transfer.hidden, handled)
 
     def _stat(self, rels: set[str]) -> dict[str, tuple[FileStat, float]]:
         """The current version of some files (those that are gone or not files are left out)."""
@@ -126,12 +128,13 @@ class DaqRunner:
             if self._waiting.pop(rel, None) is not None:
                 self.transfer.forget(rel)
         new: list[str] = []
+        known = self.transfer.seen(found.keys())  # with the version each was handled at
         for rel, (version, ctime) in found.items():
-            if self._processed.get(rel) == version:
+            if known.get(rel) == version:
                 continue
             seen = self._waiting.get(rel)
             if seen is None:
-                if rel not in self._processed and not self._existing and ctime < self._started:
+                if rel not in known and not self._existing and ctime < self._started:
                     continue  # untouched since before the DAQ started
                 new.append(rel)
             if seen is None or seen[0] != version or rel in closed:
@@ -147,12 +150,8 @@ class DaqRunner:
         stable = sorted(rel for rel, (_, since) in self._waiting.items()
                         if now - since >= STABLE_SECONDS)
         files = [(rel, self._waiting.pop(rel)[0]) for rel in stable]
-        changed = set(await self.transfer.copy_all(files))
-        for rel, version in files:
-            if rel in changed:
-                self._dirty.add(rel)  # changed again: look at it anew
-            else:
-                self._processed[rel] = version
+        # the transfer keeps, with each file's outcome, the version it was handled at
+        self._dirty.update(await self.transfer.copy_all(files))  # changed again: look anew
 
     def _drain_expired(self) -> bool:
         """After DRAIN_SECONDS of stopping, files still changing are given up as errors."""

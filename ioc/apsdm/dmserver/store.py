@@ -8,10 +8,11 @@ so the store is used synchronously from that loop. Running objects change often:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,12 @@ CREATE TABLE IF NOT EXISTS datasets (
 CREATE TABLE IF NOT EXISTS files (
     experiment TEXT NOT NULL, path TEXT NOT NULL, doc TEXT NOT NULL,
     PRIMARY KEY (experiment, path));
+CREATE TABLE IF NOT EXISTS transfer_files (
+    transfer TEXT NOT NULL, path TEXT NOT NULL, state TEXT NOT NULL,
+    size INTEGER, mtime_ns INTEGER, PRIMARY KEY (transfer, path)) WITHOUT ROWID;
 """
+
+_PARAMS = 500  # paths bound in one statement (SQLite allows 999 at least)
 
 
 def _dump(doc: Doc) -> str:
@@ -62,6 +68,7 @@ class Store:
     """The service's database: experiments, transfers, workflows, jobs and the catalog."""
 
     def __init__(self, path: Path) -> None:
+        self._path = path
         self._db = sqlite3.connect(path, isolation_level=None)  # autocommit: one write each
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -69,6 +76,27 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+
+    @contextlib.contextmanager
+    def reader(self) -> Iterator[sqlite3.Connection]:
+        """A connection of its own for a worker thread that only reads (WAL lets it run
+        beside the loop's writes)."""
+        db = sqlite3.connect(self._path, isolation_level=None)
+        try:
+            yield db
+        finally:
+            db.close()
+
+    def _transaction(self, statements: Iterable[tuple[str, Iterable[Any]]]) -> None:
+        """Run several statements (sql, rows for executemany) as one transaction."""
+        self._db.execute("BEGIN")
+        try:
+            for sql, rows in statements:
+                self._db.executemany(sql, rows)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def _insert(self, what: str, sql: str, args: Iterable[Any]) -> int:
         """Run an INSERT; a UNIQUE clash is DM's ObjectAlreadyExists naming ``what``."""
@@ -194,16 +222,10 @@ class Store:
     def save_files(self, docs: list[Doc]) -> None:
         """Insert or update catalogued files (keyed by experimentName + experimentFilePath),
         all in one transaction."""
-        self._db.execute("BEGIN")
-        try:
-            self._db.executemany(
-                "INSERT INTO files (experiment, path, doc) VALUES (?, ?, ?) "
-                "ON CONFLICT (experiment, path) DO UPDATE SET doc = excluded.doc",
-                [(doc["experimentName"], doc["experimentFilePath"], _dump(doc)) for doc in docs])
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
+        self._transaction([(
+            "INSERT INTO files (experiment, path, doc) VALUES (?, ?, ?) "
+            "ON CONFLICT (experiment, path) DO UPDATE SET doc = excluded.doc",
+            [(doc["experimentName"], doc["experimentFilePath"], _dump(doc)) for doc in docs])])
 
     def files(self, experiment: str, paths: list[str]) -> dict[str, Doc]:
         """The catalogued files among some paths of an experiment, by path."""
@@ -215,6 +237,62 @@ class Store:
     def file(self, experiment: str, path: str) -> Doc | None:
         return self._doc("SELECT doc FROM files WHERE experiment = ? AND path = ?",
                          experiment, path)
+
+
+Version = tuple[int, int]  # a file's (size, mtime_ns), as copying.FileStat
+
+
+class FileStates:
+    """One running transfer's files in the store: each one's state and the version it was
+    handled at, so that a DAQ's memory does not grow with the files it has seen."""
+
+    _LOOKUP = "SELECT state, size, mtime_ns FROM transfer_files WHERE transfer = ? AND path = ?"
+
+    def __init__(self, store: Store, transfer: str) -> None:
+        self._store = store
+        self._transfer = transfer
+
+    def get(self, paths: Iterable[str]) -> dict[str, tuple[str, Version | None]]:
+        """The state and handled version (None if not recorded) of those paths known."""
+        wanted = list(paths)
+        found: dict[str, tuple[str, Version | None]] = {}
+        for start in range(0, len(wanted), _PARAMS):
+            chunk = wanted[start:start + _PARAMS]
+            rows = self._store._db.execute(
+                "SELECT path, state, size, mtime_ns FROM transfer_files WHERE transfer = ? "
+                f"AND path IN ({','.join('?' * len(chunk))})", (self._transfer, *chunk))
+            found.update((path, (state, None if size is None else (size, mtime)))
+                         for path, state, size, mtime in rows)
+        return found
+
+    def put(self, rows: Sequence[tuple[str, str, Version | None]]) -> None:
+        """Set paths' states and handled versions, in one transaction."""
+        self._store._transaction([(
+            "INSERT INTO transfer_files (transfer, path, state, size, mtime_ns) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (transfer, path) DO UPDATE SET "
+            "state = excluded.state, size = excluded.size, mtime_ns = excluded.mtime_ns",
+            [(self._transfer, path, state, *(version or (None, None)))
+             for path, state, version in rows])])
+
+    def drop(self, paths: Iterable[str] | None = None) -> None:
+        """Forget some paths, or (None) every file of the transfer."""
+        if paths is None:
+            self._store._db.execute("DELETE FROM transfer_files WHERE transfer = ?",
+                                    (self._transfer,))
+            return
+        self._store._transaction([("DELETE FROM transfer_files WHERE transfer = ? AND path = ?",
+                                   [(self._transfer, path) for path in paths])])
+
+    @contextlib.contextmanager
+    def lookup(self) -> Iterator[Callable[[str], tuple[str, Version | None] | None]]:
+        """For a worker thread: one path's state and handled version, on its own connection."""
+        with self._store.reader() as db:
+            def one(path: str) -> tuple[str, Version | None] | None:
+                row = db.execute(self._LOOKUP, (self._transfer, path)).fetchone()
+                if row is None:
+                    return None
+                return row[0], None if row[1] is None else (row[1], row[2])
+            yield one
 
 
 def _status(doc: Doc) -> Any:

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -39,7 +39,7 @@ from .copying import (
 from .filters import file_filter
 from .options import AfterCopy, check, root
 from .processing import Processing
-from .store import Doc, Store, ThrottledSaver
+from .store import Doc, FileStates, Store, ThrottledSaver
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,11 @@ def destination(experiment: Doc, dest: PurePosixPath, source: Path) -> Path:
 
 
 class Transfer:
-    """A DAQ or upload record, and the per-file states behind its counters."""
+    """A DAQ or upload record, and the per-file states behind its counters: the states in
+    the store, only their counts in memory."""
 
     def __init__(self, kind: str, doc: Doc, target: Path, save: Callable[[Doc], None],
-                 catalog: CatalogFiles, catalogued: Catalogued) -> None:
+                 catalog: CatalogFiles, catalogued: Catalogued, files: FileStates) -> None:
         self.kind = kind
         self.doc = doc
         self.source = Path(doc["dataDirectory"])
@@ -111,7 +112,8 @@ class Transfer:
         self._catalog = catalog
         self._catalogued = catalogued
         self._prefix = PurePosixPath(doc["destDirectory"] or ".")
-        self._states: dict[str, str] = {}
+        self.files = files  # each file's state and the version it was handled at
+        files.drop()  # a resumed transfer counts its files anew
         self._counts: Counter[str] = Counter()
         doc["processingErrors"] = {}  # a resumed transfer retries its failed files
         self._update_counters()
@@ -120,62 +122,74 @@ class Transfer:
     def id(self) -> str:
         return str(self.doc["id"])
 
-    def set_state(self, rel: str, state: str, error: str = "") -> None:
-        self._set(rel, state, error)
-        self._update_counters()
+    def set_state(self, rel: str, state: str, error: str = "",
+                  version: FileStat | None = None) -> None:
+        """Put one file in a state (DONE or ERROR: handled at ``version``, if known)."""
+        self._set_all([(rel, state, error)], {rel: version})
 
     def set_states(self, rels: Iterable[str], state: str) -> None:
         """Put many files in one state, publishing the counters once."""
-        for rel in rels:
-            self._set(rel, state)
-        self._update_counters()
+        self._set_all([(rel, state, "") for rel in rels])
 
-    def _set(self, rel: str, state: str, error: str = "") -> None:
-        """Change one file's state without publishing the counters (a batch does it once)."""
-        old = self._states.get(rel)
-        if old is not None:
-            self._counts[old] -= 1
-        self._states[rel] = state
-        self._counts[state] += 1
+    def _set_all(self, changes: Sequence[tuple[str, str, str]],
+                 versions: Mapping[str, FileStat | None] | None = None) -> None:
+        """Change files' states (path, state, error) in the store in one transaction, keep
+        the counts, and publish the counters once."""
+        latest = {rel: (state, error) for rel, state, error in changes}
+        if not latest:
+            return
+        old = self.files.get(latest)
         errors = self.doc["processingErrors"]
-        if state == ERROR:
-            errors[rel] = error
-            log.warning("%s %s: %s: %s", self.kind, self.id, rel, error)
-        else:
-            errors.pop(rel, None)
+        for rel, (state, error) in latest.items():
+            if rel in old:
+                self._counts[old[rel][0]] -= 1
+            self._counts[state] += 1
+            if state == ERROR:
+                errors[rel] = error
+                log.warning("%s %s: %s: %s", self.kind, self.id, rel, error)
+            else:
+                errors.pop(rel, None)
+        versions = versions or {}
+        self.files.put([(rel, state, None if state == WAITING else versions.get(rel))
+                        for rel, (state, _) in latest.items()])
+        self._update_counters()
 
     def forget(self, rel: str) -> None:
         """Drop a file that vanished before it could be copied."""
-        if self._states.get(rel) == WAITING:
-            del self._states[rel]
+        if self.files.get([rel]).get(rel, ("", None))[0] == WAITING:
+            self.files.drop([rel])
             self._counts[WAITING] -= 1
             self._update_counters()
 
-    def record(self, rel: str, size: int, md5: str) -> None:
-        """A file was copied: catalogue it and count it."""
-        self.record_all([(rel, size, md5)])
+    def seen(self, rels: Iterable[str]) -> dict[str, FileStat | None]:
+        """The files among rels this transfer has seen, each with the version it was copied
+        or failed at (None while it waits)."""
+        return {rel: version for rel, (_, version) in self.files.get(rels).items()}
 
-    def record_all(self, copied: Sequence[CatalogEntry]) -> None:
-        """Files (relative path, size, md5) were copied: catalogue them, one transaction per
-        BATCH_FILES, and count them."""
+    def record(self, rel: str, size: int, md5: str, version: FileStat | None = None) -> None:
+        """A file was copied: catalogue it and count it."""
+        self.record_all([(rel, size, md5)], {rel: version})
+
+    def record_all(self, copied: Sequence[CatalogEntry],
+                   versions: Mapping[str, FileStat | None] | None = None) -> None:
+        """Files (relative path, size, md5) were copied, each at its version if known:
+        catalogue them, one transaction per BATCH_FILES, and count them."""
         for start in range(0, len(copied), BATCH_FILES):
             self._catalog(self.doc["experimentName"],
                           [(str(self._prefix / rel), size, md5)
                            for rel, size, md5 in copied[start:start + BATCH_FILES]])
-        for rel, _, _ in copied:
-            self._set(rel, DONE)
-        self._update_counters()
+        self._set_all([(rel, DONE, "") for rel, _, _ in copied], versions)
 
-    async def found_copied(self, rel: str) -> None:
+    async def found_copied(self, rel: str, version: FileStat | None = None) -> None:
         """A file already in place (copied before a restart): count it, and catalogue it if
         a crash came between its copy and its catalogue entry."""
         if self._catalogued(self.doc["experimentName"], str(self._prefix / rel)):
-            self.set_state(rel, DONE)
+            self.set_state(rel, DONE, version=version)
             return
         try:
-            self.record(rel, *await asyncio.to_thread(size_md5, self.target / rel))
+            self.record(rel, *await asyncio.to_thread(size_md5, self.target / rel), version)
         except OSError as exc:
-            self.set_state(rel, ERROR, describe(exc))
+            self.set_state(rel, ERROR, describe(exc), version)
 
     def leaves_storage(self, path: Path) -> bool:
         """Whether path's directory, symlinks resolved, lies outside the experiment's storage
@@ -207,11 +221,11 @@ class Transfer:
             outcome = await asyncio.to_thread(self._in_place, batch)
         else:
             outcome = await asyncio.to_thread(self._stage_and_commit, batch, skip_copied)
-        for rel, error in outcome.errors:
-            self._set(rel, ERROR, error)
-        self.record_all(outcome.copied)
+        versions = dict(batch)
+        self._set_all([(rel, ERROR, error) for rel, error in outcome.errors], versions)
+        self.record_all(outcome.copied, versions)
         for rel in outcome.present:
-            await self.found_copied(rel)
+            await self.found_copied(rel, versions[rel])
         return outcome.changed
 
     def _in_place(self, batch: list[Wanted]) -> _Outcome:
@@ -273,7 +287,7 @@ class Transfer:
 
     def _update_counters(self) -> None:
         doc, counts = self.doc, self._counts
-        total = len(self._states)
+        total = counts[WAITING] + counts[DONE] + counts[ERROR]
         finished = counts[DONE] + counts[ERROR]
         doc.update(nFiles=total, countFiles=total, nProcessedFiles=counts[DONE],
                    nProcessingErrors=counts[ERROR], nWaitingFiles=counts[WAITING])
@@ -293,6 +307,7 @@ class Transfer:
                         runTime=round(now - self.doc["startTime"], 3))
         if error:
             self.doc["errorMessage"] = error
+        self.files.drop()  # the counts in the record are all that is kept of its files
         self._update_counters()
         log.info("%s %s %s%s", self.kind, self.id, status,
                  f": {error}" if error else "")
@@ -349,7 +364,7 @@ class TransferService:
         target = destination(experiment, dest, Path(doc["dataDirectory"]))
         after_copy = AfterCopy(doc, target, self._catalog, self._processing.startProcessingJob)
         return Transfer(self.kind, doc, target, self._saver.save, after_copy,
-                        self._catalogued)
+                        self._catalogued, FileStates(self._store, doc["id"]))
 
     def _catalogued(self, experiment: str, path: str) -> bool:
         return self._store.file(experiment, path) is not None
@@ -383,6 +398,7 @@ class TransferService:
                 doc.update(status="failed", errorMessage=f"cannot resume: {exc.message}",
                            endTime=now, endTimestamp=dm_timestamp(now))
                 self._store.save_transfer(self.kind, doc)
+                FileStates(self._store, doc["id"]).drop()
                 continue
             log.info("resuming %s %s of experiment %s", self.kind, doc["id"],
                      doc["experimentName"])

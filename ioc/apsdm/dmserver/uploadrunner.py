@@ -38,8 +38,7 @@ async def run_upload(transfer: Transfer) -> None:
     reprocess = flag(doc, "reprocessFiles", False)
     try:
         files = await asyncio.to_thread(_files, transfer)
-        for rel in files:
-            transfer.set_state(rel, WAITING)
+        transfer.set_states(files, WAITING)
         if doc["processingMode"] == "directory" and not flag(doc, "skipTransfer", False):
             await _copy_tree(transfer, sorted(files), reprocess)
         else:
