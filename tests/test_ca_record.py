@@ -59,9 +59,11 @@ def ioc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ioc]:
 
 def test_numeric_read_of_text_fails_and_client_survives(ioc: Ioc) -> None:
     """``caget -d DBR_DOUBLE`` of text: RSRV answers ECA_GETFAIL, which libca's handler
-    reports; caproto answered ECA_INTERNAL, on which that handler aborts the client."""
+    reports; caproto answered ECA_INTERNAL, on which that handler aborts the client. (Text
+    that starts with a number reads as that number, as on an IOC: tests/test_differential.)"""
+    caput(ioc, "WF1:Name", "beamline staff")
     out = libca(ioc, f"""
-c = chan({ioc.pv('Status:Version_RBV')!r})
+c = chan({ioc.pv('WF1:Name')!r})
 for ftype in (dbr.DOUBLE, dbr.TIME_DOUBLE, dbr.CTRL_DOUBLE):
     buf = ctypes.create_string_buffer(128)
     ca.libca.ca_array_get(ftype, 1, c, buf)  # caget's plain get, no callback
@@ -126,19 +128,21 @@ def test_busy_refusal_is_state_minor_on_the_message_not_write_major(ioc: Ioc) ->
 
 
 def test_long_string_read_at_its_used_length(ioc: Ioc) -> None:
-    """A char waveform asked for count 0 (get and monitor) comes at NORD, not NELM (4096)."""
+    """A char waveform asked for count 0 (get and monitor) comes at its used length with the
+    NUL, as an lsi's .VAL$ (LEN), not at NELM (4096); NORD and LEN say that length."""
     url = ioc.pv("Status:DmUrl_RBV")
     out = libca(ioc, f"""
 import time
 c = chan({url!r})
 out['nord'] = ca.get(chan({url!r} + '.NORD'), timeout=5)
+out['len'] = ca.get(chan({url!r} + '.LEN'), timeout=5)
 out['get'] = len(ca.get(c, count=0, timeout=5))
 out['monitor'] = []
 keep = ca.create_subscription(c, count=0, callback=lambda value, **kw: out['monitor'].append(len(value)))
 time.sleep(0.5)
 ca.poll()
 """)
-    assert out["nord"] == len(ioc.dm_url) == out["get"] == out["monitor"][0], out
+    assert out["nord"] == out["len"] == len(ioc.dm_url) + 1 == out["get"] == out["monitor"][0], out
 
 
 # a short-lived CA client, as a shell's caget, a screen opened and closed, an archiver

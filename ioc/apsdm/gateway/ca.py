@@ -7,11 +7,16 @@ Each CA channel is a caproto ChannelData whose client writes go through
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import ctypes
 import functools
 import logging
+import math
+import re
 import socket
 from typing import Any
 
+import numpy
 from caproto import (
     DBR_TYPES,
     AccessRights,
@@ -30,10 +35,12 @@ from caproto import (
     ErrorResponse,
     EventAddResponse,
     ReadNotifyRequest,
+    ReadRequest,
     native_float_types,
     native_type,
     native_types,
 )
+from caproto._dbr import DbrStringArray, _LongStringChannelType
 from caproto.asyncio.server import Context, VirtualCircuit
 
 from .db_template import PREC, RECORD_TYPES
@@ -51,7 +58,125 @@ SEVERITY_NAMES = ("NO_ALARM", "MINOR", "MAJOR", "INVALID")  # menuAlarmSevr
 STATUS_NAMES = tuple(AlarmStatus.__members__)[:16]  # menuAlarmStat; CA enums carry 16
 
 
-class _ReadOnlyField(ChannelData):
+# the alarm and warning limits of DBR_GR/CTRL_FLOAT/DOUBLE: an EPICS 7 record without
+# alarm limits (and every record type that has none) sends them as NaN; integer views, 0
+_ALARM_LIMITS = ("upper_alarm_limit", "upper_warning_limit", "lower_warning_limit",
+                 "lower_alarm_limit")
+_NAN_LIMITED = frozenset({ChannelType.GR_FLOAT, ChannelType.GR_DOUBLE,
+                          ChannelType.CTRL_FLOAT, ChannelType.CTRL_DOUBLE})
+# the C type of upper_ctrl_limit in each DBR_CTRL_* type that has one
+_CTRL_LIMIT_TYPE = {t: dict(DBR_TYPES[t]._fields_)["upper_ctrl_limit"] for t in ChannelType
+                    if t.name.startswith("CTRL_") and "upper_ctrl_limit" in dict(DBR_TYPES[t]._fields_)}
+# C strtod's view of text (EPICS's string-to-number conversion reads a leading number)
+_LEADING_NUMBER = re.compile(
+    r"\s*([+-]?(?:\d+\.?\d*(?:[eE][+-]?\d+)?|\.\d+(?:[eE][+-]?\d+)?|inf(?:inity)?|nan))", re.I)
+
+
+def leading_number(text: str) -> float:
+    """A DBF_STRING value read as a number as an EPICS IOC reads it (dbConvert): blank is
+    0, else the number the text starts with ("0.1.0" is 0.1); none: NoConversion."""
+    if not text:
+        return 0.0
+    match = _LEADING_NUMBER.match(text)
+    if match is None:
+        raise NoConversion(f"no number in {text[:40]!r}")
+    return float(match.group(1))
+
+
+class _RsrvReads(ChannelData):
+    """caproto's reads, answered as an EPICS IOC (RSRV) answers them: NaN alarm limits,
+    a bo's control range, text read as a number, long strings with their NUL and
+    DBF_STRING's 40 characters as ``.VAL$``. caproto 1.3 bugs, to report upstream."""
+
+    upper_ctrl_limit_raw: int | None = None  # a bo's: 65535 (DBF_ENUM's range), wrapped per type
+
+    async def read(self, data_type: ChannelType) -> Any:
+        """A get. caproto raises when the value has no such view (text as DBR_DOUBLE), and its
+        circuit answers ECA_INTERNAL, on which libca aborts the client: raise NoConversion,
+        which the circuit answers ECA_GETFAIL as RSRV does."""
+        try:
+            return await self._rsrv_read(data_type)
+        except CaprotoConversionError as exc:
+            raise NoConversion(str(exc)) from None
+
+    async def _read(self, data_type: ChannelType) -> Any:
+        """The conversion of monitors (subscribe, publish): a view the value has no
+        conversion to is sent zeroed (RSRV zeroes it too), never an error that ends the
+        update of every other subscriber of this PV."""
+        try:
+            return await self._rsrv_read(data_type)
+        except (CaprotoConversionError, NoConversion):
+            return zeroed(data_type, 1)
+
+    async def _rsrv_read(self, data_type: ChannelType) -> Any:
+        if data_type == ChannelType.CTRL_STRING:
+            # caproto maps CTRL_STRING to the TIME_STRING layout (8 bytes of timestamp the
+            # client reads as text); db_access.h: dbr_ctrl_string is dbr_sts_string
+            metadata, values = await ChannelData._read(self, ChannelType.STS_STRING)
+        elif (self.data_type == ChannelType.STRING and data_type not in _LongStringChannelType
+              and native_type(data_type) in _NUMERIC):
+            # caproto fails on text that starts with a number, and would end a monitor
+            values = [_NUMERIC[native_type(data_type)](leading_number(self.value))]
+            metadata, _ = await ChannelData._read(self, _STRING_OF_FORM[data_type])
+            if data_type not in native_types:
+                metadata = self._metadata_as(data_type, metadata)
+        else:
+            metadata, values = await ChannelData._read(self, data_type)
+        if data_type in _NAN_LIMITED:
+            for name in _ALARM_LIMITS:
+                setattr(metadata, name, math.nan)
+        limit = _CTRL_LIMIT_TYPE.get(data_type) if self.upper_ctrl_limit_raw is not None else None
+        if limit is not None:  # wrapped to the limit's C type as C does
+            raw = self.upper_ctrl_limit_raw
+            metadata.upper_ctrl_limit = bytes([raw & 0xFF]) if limit is ctypes.c_char else limit(raw).value
+        if (count := requested_count.get()) > 1 and len(values) < count:  # RSRV pads
+            values = _padded(values, count)
+        if self.data_type == ChannelType.CHAR:  # a long string: its NUL is sent too (lsi)
+            values = _with_nul(values)
+        elif data_type in _LongStringChannelType:  # DBF_STRING as .VAL$: all 40 characters
+            # (an array: caproto counts bytes of a DBF_STRING channel as one element)
+            values = numpy.frombuffer(bytes(values)[:STRING].ljust(STRING, b"\0"), numpy.uint8)
+        return metadata, values
+
+    def _metadata_as(self, data_type: ChannelType, string_metadata: Any) -> Any:
+        """``data_type``'s metadata for a string channel: its alarm and time (else zero)."""
+        metadata = DBR_TYPES[data_type]()
+        for name, _ctype in string_metadata._fields_:
+            if hasattr(metadata, name) and name != "value":
+                setattr(metadata, name, getattr(string_metadata, name))
+        return metadata
+
+
+def _with_nul(values: Any) -> Any:
+    """A long string's elements and the terminating NUL an lsi sends (its LEN counts it)."""
+    return _padded(values, len(values) + 1)
+
+
+def _padded(values: Any, count: int) -> Any:
+    """``values`` and zero elements up to ``count``: an array read for more elements than
+    it holds, as RSRV sends it (caproto sends fewer than asked for)."""
+    more = count - len(values)
+    if isinstance(values, bytes | bytearray):
+        return bytes(values) + bytes(more)
+    if isinstance(values, list | DbrStringArray):
+        return type(values)([*values, *[b""] * more])
+    return numpy.append(values, numpy.zeros(more, values.dtype))
+
+
+# the element count of the read being answered (0: as many as the value has), which
+# caproto does not hand to the channel; set by the circuit for its task
+requested_count: contextvars.ContextVar[int] = contextvars.ContextVar("requested_count", default=0)
+
+
+_NUMERIC: dict[ChannelType, type] = {
+    ChannelType.INT: int, ChannelType.CHAR: int, ChannelType.LONG: int,
+    ChannelType.FLOAT: float, ChannelType.DOUBLE: float}
+_STRING_OF_FORM = {t: ChannelType.STRING if t in native_types else
+                   ChannelType.STS_STRING if t.name.startswith(("STS_", "GR_", "CTRL_"))
+                   else ChannelType.TIME_STRING for t in ChannelType if t.value <= 34}
+
+
+class _ReadOnlyField(_RsrvReads):
     """A record field other than VAL: clients read it, only the gateway writes it."""
 
     def check_access(self, hostname: str, username: str) -> AccessRights:
@@ -130,39 +255,13 @@ class _GatewayChannel:
         writer = current_writer.get() or Writer("ca", "", "")
         await self.hub.put(self.pv.name, self.preprocess_value(value), writer)  # type: ignore[attr-defined]
 
-    async def read(self, data_type: ChannelType) -> Any:
-        """A get. caproto raises when the value has no such view (text as DBR_DOUBLE), and its
-        circuit answers ECA_INTERNAL, on which libca aborts the client: raise NoConversion,
-        which the circuit answers ECA_GETFAIL as RSRV does."""
-        try:
-            return await self._convert(data_type)
-        except CaprotoConversionError as exc:
-            raise NoConversion(str(exc)) from None
-
-    async def _read(self, data_type: ChannelType) -> Any:
-        """caproto's conversion for monitors (subscribe, publish): a view the value has no
-        conversion to is sent zeroed (RSRV zeroes it too), never an error that ends the
-        update of every other subscriber of this PV."""
-        try:
-            return await self._convert(data_type)
-        except CaprotoConversionError:
-            return zeroed(data_type, 1)
-
-    async def _convert(self, data_type: ChannelType) -> Any:
-        """caproto's conversion, with DBR_CTRL_STRING in EPICS's layout: caproto maps it to
-        DBR_TIME_STRING (8 bytes of timestamp the client reads as text); db_access.h
-        defines ``dbr_ctrl_string`` as ``dbr_sts_string``."""
-        if data_type == ChannelType.CTRL_STRING:
-            return await super()._read(ChannelType.STS_STRING)  # type: ignore[misc]
-        return await super()._read(data_type)  # type: ignore[misc]
-
     async def show(self, value: Any, alarm: Alarm, timestamp: float) -> None:
-        """Show a hub value, and the record fields that follow it (SEVR, STAT, NORD)."""
+        """Show a hub value, and the record fields that follow it (SEVR, STAT, LEN, NORD)."""
         await self.write(value, verify_value=False, timestamp=timestamp,
                          status=AlarmStatus(alarm.status), severity=AlarmSeverity(alarm.severity))
         live = {"SEVR": SEVERITY_NAMES[alarm.severity], "STAT": STATUS_NAMES[alarm.status]}
-        if self.pv.field.kind is Kind.LONGSTRING:
-            live["NORD"] = len(str(value).encode("utf-8"))
+        if self.pv.field.kind is Kind.LONGSTRING:  # the NUL counts (lsi's LEN)
+            live["LEN"] = live["NORD"] = len(str(value).encode("utf-8")) + 1
         for name, shown in live.items():
             await self.fields[name].write(shown, verify_value=False, timestamp=timestamp)
 
@@ -183,24 +282,37 @@ def _record_fields(pv: PV, rtype: str) -> dict[str, ChannelData]:
         name: _field_channel(ChannelString, value=value) for name, value in text.items()}
     fields["SEVR"] = _field_channel(ChannelEnum, value="NO_ALARM", enum_strings=SEVERITY_NAMES)
     fields["STAT"] = _field_channel(ChannelEnum, value="NO_ALARM", enum_strings=STATUS_NAMES)
-    if f.kind in (Kind.LONG, Kind.DOUBLE):
-        number, cast = (ChannelDouble, float) if f.kind is Kind.DOUBLE else (ChannelInteger, int)
+    if f.kind in (Kind.LONG, Kind.DOUBLE):  # HOPR, LOPR: EGU, PREC and the range of the field's DBF
+        if f.kind is Kind.DOUBLE:
+            number, cast, span = ChannelDouble, float, {"precision": PREC, **_range(1e300)}
+        else:
+            number, cast, span = ChannelInteger, int, _range(2**31 - 1)
         fields["EGU"] = _field_channel(ChannelString, value=f.egu)
-        fields["HOPR"] = _field_channel(number, value=cast(f.high))
-        fields["LOPR"] = _field_channel(number, value=cast(f.low))
+        fields["HOPR"] = _field_channel(number, value=cast(f.high), units=f.egu, **span)
+        fields["LOPR"] = _field_channel(number, value=cast(f.low), units=f.egu, **span)
     if f.kind is Kind.DOUBLE:
-        fields["PREC"] = _field_channel(ChannelShort, value=PREC)
-    if f.kind is Kind.LONGSTRING:
-        fields["NELM"] = _field_channel(ChannelInteger, value=f.max_length)
-        fields["NORD"] = _field_channel(ChannelInteger, value=0)
+        fields["PREC"] = _field_channel(ChannelShort, value=PREC, **_range(2**15 - 1))
+    if f.kind is Kind.LONGSTRING:  # lsi/lso: LEN (with the NUL), SIZV; and as a waveform
+        for name in ("LEN", "NORD"):
+            fields[name] = _field_channel(ChannelInteger, value=1)
+        for name in ("SIZV", "NELM"):
+            fields[name] = _field_channel(ChannelInteger, value=f.max_length)
     return fields
+
+
+def _range(high: float) -> dict[str, float]:
+    """Display and control limits of a field of a numeric DBF without limits of its own."""
+    low = -high - (1 if isinstance(high, int) else 0)
+    return {"upper_disp_limit": high, "lower_disp_limit": low,
+            "upper_ctrl_limit": high, "lower_ctrl_limit": low}
 
 
 def _channel(pv: PV, hub: Hub) -> Any:
     """The caproto channel for one schema PV, with its record fields."""
     f = pv.field
     if f.kind is Kind.STRING:  # UTF-8 as on PVA (caproto's default is latin-1)
-        base, kw = ChannelString, {"value": "", "string_encoding": "utf-8"}
+        base, kw = ChannelString, {"value": "", "string_encoding": "utf-8",
+                                   "long_string_max_length": STRING}
     elif f.kind is Kind.LONGSTRING:
         base, kw = ChannelChar, {"value": "", "max_length": f.max_length,
                                  "string_encoding": "utf-8"}
@@ -209,13 +321,16 @@ def _channel(pv: PV, hub: Hub) -> Any:
                                     "lower_disp_limit": int(f.low)}
     elif f.kind is Kind.DOUBLE:
         base, kw = ChannelDouble, {"value": 0.0, "units": f.egu, "precision": PREC,
-                                   "upper_disp_limit": f.high, "lower_disp_limit": f.low}
+                                   "upper_disp_limit": f.high, "lower_disp_limit": f.low,
+                                   "upper_ctrl_limit": f.high, "lower_ctrl_limit": f.low}
     else:  # ENUM, BUSY
         base, kw = ChannelEnum, {"value": f.enums[0], "enum_strings": list(f.enums)}
     rtype = RECORD_TYPES[f.kind][f.writable]
-    cls = type(f"Gateway{base.__name__}", (_GatewayChannel, base), {})
+    cls = type(f"Gateway{base.__name__}", (_GatewayChannel, _RsrvReads, base), {})
     chan = cls(reported_record_type=rtype, **kw)
     chan.hub, chan.pv, chan.fields = hub, pv, _record_fields(pv, rtype)
+    if f.kind is Kind.BUSY:  # a bo's VAL is DBF_ENUM, whose control range is 0..65535
+        chan.upper_ctrl_limit_raw = 65535
     return chan
 
 
@@ -225,8 +340,10 @@ def _channel(pv: PV, hub: Hub) -> Any:
 # Upstream: none of the caproto 1.3.0 bugs worked around here (each named at its override:
 # ECA_INTERNAL for a failed conversion, CTRL_STRING in the TIME_STRING layout, WRITE/MAJOR
 # on any refused put, sent updates kept, a disconnect ending the update loop, a closed
-# circuit never released, no TCP_NODELAY) has an issue in caproto's tracker as of
-# 2026-12-02; each is to be reported.
+# circuit never released, no TCP_NODELAY; and in _RsrvReads: 0 where EPICS 7 sends NaN
+# alarm limits, text starting with a number refused as a number, an array read for more
+# elements than it holds sent short, DBF_STRING's .VAL$ 81 elements long) has an issue in
+# caproto's tracker as of 2026-12-03; each is to be reported.
 CAPROTO_CONTRACT = {
     "caproto.server.common.VirtualCircuit._process_command": "89a0a95c53667d18",
     "caproto.server.common.VirtualCircuit._cull_subscriptions": "e064982f67823273",
@@ -261,6 +378,8 @@ class _ReleasingCircuit(VirtualCircuit):
         """caproto answers any exception of a read with ECA_INTERNAL, on which libca calls
         abort(): answer a read the value has no conversion for with ECA_GETFAIL and zeroed
         data, as RSRV's read_notify_reply does (a get the client survives)."""
+        reading = isinstance(command, ReadNotifyRequest | ReadRequest)
+        token = requested_count.set(command.data_count if reading else 0)
         try:
             return await super()._process_command(command)
         except NoConversion as exc:
@@ -272,6 +391,8 @@ class _ReleasingCircuit(VirtualCircuit):
             return [chan.read(data=data, data_type=command.data_type,
                               data_count=command.data_count, status=CAStatus.ECA_GETFAIL,
                               ioid=command.ioid, metadata=metadata, notify=True)]
+        finally:
+            requested_count.reset(token)
 
     async def get_from_sub_queue(self, timeout: float | None = None) -> Any:
         """caproto's wait for the next update. When a client leaves abruptly, the cancel of

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 from typing import Any
 
@@ -38,15 +39,42 @@ _PVA_STATUS = {STATUS_COMM: 1}
 FORMS = ["Default", "String", "Binary", "Decimal", "Hex", "Exponential", "Engineering"]
 
 
+def _qsrv_type(code: str) -> Type:
+    """QSRV's NTScalar of an ai/longin record, in its field order: display (with form),
+    control and valueAlarm, each limit of the value's type."""
+    return Type([
+        ("value", code), ("alarm", alarm_t), ("timeStamp", timestamp_t),
+        ("display", ("S", None, [
+            ("limitLow", code), ("limitHigh", code), ("description", "s"), ("units", "s"),
+            ("precision", "i"), ("form", ("S", "enum_t", [("index", "i"), ("choices", "as")]))])),
+        ("control", ("S", None, [("limitLow", code), ("limitHigh", code), ("minStep", code)])),
+        ("valueAlarm", ("S", None, [
+            ("active", "?"), *[(f"{side}{level}Limit", code) for side, level in _ALARM_LEVELS],
+            *[(f"{side}{level}Severity", "i") for side, level in _ALARM_LEVELS],
+            ("hysteresis", "d")])),
+    ], id="epics:nt/NTScalar:1.0")
+
+
+_ALARM_LEVELS = (("low", "Alarm"), ("low", "Warning"), ("high", "Warning"), ("high", "Alarm"))
+
+
 def _nt(pv: PV) -> Any:
-    """The normative type QSRV serves for this PV's record (ai/longin: display, control)."""
+    """The normative type QSRV serves for this PV's record: text with display (description,
+    units), numbers as :func:`_qsrv_type`, enums as NTEnum with a description."""
     f = pv.field
     if f.kind in (Kind.STRING, Kind.LONGSTRING):
         return NTScalar("s", display=True)
     if f.kind in (Kind.LONG, Kind.DOUBLE):
-        return NTScalar("i" if f.kind is Kind.LONG else "d", display=True, control=True, form=True)
+        nt = NTScalar("i" if f.kind is Kind.LONG else "d")
+        nt.type = _qsrv_type("i" if f.kind is Kind.LONG else "d")
+        return nt
     if f.kind in (Kind.ENUM, Kind.BUSY):
-        return NTEnum(display=True)
+        nt = NTEnum()
+        nt.type = Type([("value", ("S", "enum_t", [("index", "i"), ("choices", "as")])),
+                        ("alarm", alarm_t), ("timeStamp", timestamp_t),
+                        ("display", ("S", None, [("description", "s")]))],
+                       id="epics:nt/NTEnum:1.0")
+        return nt
     if f.kind is Kind.TABLE:
         return NTTable(list(f.columns))
     return None
@@ -64,6 +92,9 @@ def _metadata(pv: PV) -> dict[str, Any]:
                      "display.form.choices": FORMS, "display.form.index": 0,
                      "control.limitLow": f.low, "control.limitHigh": f.high})
         meta["display.precision"] = PREC if f.kind is Kind.DOUBLE else 0
+        # no alarm limits in db/: EPICS 7 reports them as NaN (0 in an integer)
+        unset = math.nan if f.kind is Kind.DOUBLE else 0
+        meta.update({f"valueAlarm.{side}{level}Limit": unset for side, level in _ALARM_LEVELS})
     return meta
 
 
