@@ -13,7 +13,7 @@ import os
 import secrets
 import shlex
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,8 +92,12 @@ def _url_host(host: str) -> str:
 
 
 async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
-                        station: str = "APSDM") -> EmbeddedService:
-    """Start the service in the running loop; returns once it listens (port 0: any free one)."""
+                        station: str = "APSDM",
+                        job_env: Mapping[str, str] | None = None) -> EmbeddedService:
+    """Start the service in the running loop; returns once it listens (port 0: any free one).
+
+    ``job_env``: variables every workflow process gets over the service's own environment
+    (the gateway passes its CA/PVA addresses, so streaming jobs find it on any ports)."""
     try:
         check_name(station, "station name")
     except InvalidArgument as exc:
@@ -108,7 +112,7 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
     catalog = Catalog(store, experiments.find)
     daqs = DaqService(store, experiments.find, catalog.add_files, hub)
     uploads = UploadService(store, experiments.find, catalog.add_files)
-    processing = Processing(store, data_root / "jobs")
+    processing = Processing(store, data_root / "jobs", job_env)
 
     async def close_rest() -> None:
         await hub.close()
