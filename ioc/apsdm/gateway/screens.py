@@ -249,7 +249,8 @@ def build(layout: Layout) -> list[Screen]:
         _detail("experiment", "Experiment   $(P)",
                 [("Experiment", group["Experiment"]), ("Run metadata", group["Metadata"])],
                 tables["experiment"]),
-        _detail("status", "Gateway status   $(P)", [("Gateway", group["Status"])], []),
+        _detail("status", "Gateway status   $(P)",
+                [("Gateway", group["Status"]), ("Streaming handshake", group["Stream"])], []),
     ]
     for g, (screen, one, _many) in SLOTS.items():
         slot_tables = [pv for pv in group[g] if pv.field.kind is Kind.TABLE]
