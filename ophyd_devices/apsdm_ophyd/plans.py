@@ -237,7 +237,7 @@ def _announced_count(detectors: Sequence[Any], num: int, md: Mapping[str, Any],
         frames += 1
         counter = frames if unique_id is None else (yield from bps.rd(unique_id))
         state = "done" if frames == num else "acquiring"
-        yield from bps.abs_set(ours, StreamState(state, f"shot {frames} of {num}", int(counter)),
+        yield from bps.abs_set(ours, StreamState(state, f"frame {frames} of {num}", int(counter)),
                                wait=True)
 
     def stopped(exc: BaseException) -> MsgGenerator[None]:

@@ -29,6 +29,7 @@ import json
 import os
 import queue
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,27 @@ class Store:
         self.file.close()
 
 
+class FrameQueue(queue.Queue):  # type: ignore[type-arg]
+    """The bounded queue between the frame subscription and the analysis: a full queue
+    holds the subscription's callback (backpressure to the server) until :meth:`stop`."""
+
+    def __init__(self, maxsize: int) -> None:
+        super().__init__(maxsize=maxsize)
+        self.stopped = threading.Event()
+
+    def offer(self, item: Any) -> None:
+        """The subscription's callback: wait for room, or drop the item once stopped."""
+        while not self.stopped.is_set():
+            try:
+                self.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
 def _context(address: str) -> Context:
     """A PVA client context: from the environment, or straight to ``address`` (host:port)."""
     if not address:
@@ -183,12 +205,12 @@ def follow(gateway: Context, names: StreamNames, opts: Options) -> tuple[bool, d
     bluesky: queue.Queue[Any] = queue.Queue()
     # bounded: while analysis is behind, the callback blocks, the client's queueSize fills
     # and the server (pipeline flow control) keeps only the newest frames: uniqueId gaps
-    frames: queue.Queue[Any] = queue.Queue(maxsize=max(1, opts.queue_size))
+    frames = FrameQueue(max(1, opts.queue_size))
     request = f"field()record[queueSize={max(2, opts.queue_size)},pipeline=true]"
     tally, store = Tally(), Store(opts.output, opts.frames_pv)
     sub_bluesky = gateway.monitor(names.bluesky, bluesky.put, notify_disconnect=True)
     source = _context(opts.frames_address)
-    sub_frames = source.monitor(opts.frames_pv, frames.put, request=request,
+    sub_frames = source.monitor(opts.frames_pv, frames.offer, request=request,
                                 notify_disconnect=True)
     ok, why, nbytes = False, "", 0
     first_bluesky = True
@@ -252,6 +274,7 @@ def follow(gateway: Context, names: StreamNames, opts: Options) -> tuple[bool, d
                 quiet_since = time.monotonic()
             reporter.progress(tally)
     finally:
+        frames.stop()  # a callback waiting for room returns, so the subscription can close
         sub_frames.close()
         sub_bluesky.close()
         source.close()
