@@ -166,18 +166,26 @@ class Reporter:
     """Posts progress and results to the gateway's ``Stream:Workflow`` PVs."""
 
     def __init__(self, ctx: Context, names: StreamNames) -> None:
-        self.ctx, self.names, self.next = ctx, names, 0.0
+        self.ctx, self.names = ctx, names
 
     def state(self, state: str, message: str, counter: int) -> None:
         post(self.ctx, self.names.workflow, state, message, counter)
 
-    def progress(self, tally: Tally, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now >= self.next:
-            self.next = now + PROGRESS_PERIOD
-            self.ctx.put(f"{self.names.workflow}:Lost", tally.lost)
-            self.state("acquiring", f"{tally.received} frames, {tally.lost} lost",
-                       tally.received)
+    def follow(self, tally: Tally, stop: threading.Event) -> threading.Thread:
+        """Post the tally every PROGRESS_PERIOD s from a thread of its own (until ``stop``),
+        so the round trips to the gateway never hold up the analysis."""
+        def run() -> None:
+            posted = (-1, -1)
+            while not stop.wait(PROGRESS_PERIOD):
+                now = (tally.received, tally.lost)
+                if now != posted:
+                    posted = now
+                    self.ctx.put(f"{self.names.workflow}:Lost", now[1])
+                    self.state("acquiring", f"{now[0]} frames, {now[1]} lost", now[0])
+
+        thread = threading.Thread(target=run, name="progress", daemon=True)
+        thread.start()
+        return thread
 
     def results(self, summary: dict[str, Any]) -> None:
         self.ctx.put(f"{self.names.workflow}:Lost", int(summary["framesLost"]))
@@ -213,11 +221,13 @@ def follow(gateway: Context, names: StreamNames, opts: Options) -> tuple[bool, d
     sub_frames = source.monitor(opts.frames_pv, frames.offer, request=request,
                                 notify_disconnect=True)
     ok, why, nbytes = False, "", 0
+    progress: threading.Thread | None = None
     first_bluesky = True
     try:
         _subscribed(frames, opts.frames_pv, min(opts.timeout, 30.0))
         reporter.state("ready", f"subscribed to {opts.frames_pv}", 0)
         began = time.monotonic()
+        progress = reporter.follow(tally, frames.stopped)
         print(f"ready: {opts.frames_pv} -> {opts.output}", flush=True)
         deadline, quiet_since = time.monotonic() + opts.timeout, None
         while True:
@@ -272,9 +282,10 @@ def follow(gateway: Context, names: StreamNames, opts: Options) -> tuple[bool, d
             nbytes += frame.nbytes
             if quiet_since is not None:
                 quiet_since = time.monotonic()
-            reporter.progress(tally)
     finally:
         frames.stop()  # a callback waiting for room returns, so the subscription can close
+        if progress is not None:
+            progress.join()
         sub_frames.close()
         sub_bluesky.close()
         source.close()
