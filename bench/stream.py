@@ -23,10 +23,11 @@ from typing import Any
 SECONDS = float(os.environ.get("BENCH_STREAM_SECONDS", 3.0))
 STEPS = int(os.environ.get("BENCH_STREAM_STEPS", 6))
 SIZES = {"1 MiB": (512, 1024), "8 MiB": (2048, 2048)}  # uint16 frames
+ONLY = os.environ.get("BENCH_STREAM_SIZES", "")  # e.g. "8 MiB": only those
 PREFIX = "BENCHS:"
 
 BARE = r"""
-import json, queue, sys, time
+import json, queue, sys
 from p4p.client.thread import Context
 pv, address, start, end, qsize = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])
 ctx = Context("pva", useenv=False, conf={"EPICS_PVA_NAME_SERVERS": address,
@@ -35,7 +36,7 @@ q = queue.Queue(maxsize=qsize)
 sub = ctx.monitor(pv, q.put, request=f"field()record[queueSize={max(2, qsize)},pipeline=true]")
 q.get(timeout=30)
 print("ready", flush=True)
-got, last, began = 0, start, None
+got, last = 0, start
 while last < end:
     try:
         v = q.get(timeout=3)
@@ -43,7 +44,6 @@ while last < end:
         break
     uid = int(v.raw["uniqueId"])
     if uid > start:
-        began = began or time.monotonic()
         got, last = got + 1, uid
 print(json.dumps({"framesReceived": got, "framesLost": end - start - got}), flush=True)
 sub.close(); ctx.close()
@@ -144,6 +144,8 @@ def main() -> None:
             print(f"stream bench: zero-loss frame rate, {SECONDS:g} s runs "
                   f"({time.strftime('%Y-%m-%d')})")
             for label, shape in SIZES.items():
+                if ONLY and label not in ONLY.split(","):
+                    continue
                 det = StreamingDetector(f"{PREFIX}cam:Image", shape=shape, name="cam")
                 nbytes = det.frame(0).nbytes
                 try:
