@@ -121,6 +121,8 @@ class Commands:
         stamped now, so readers of either form see one handshake."""
         whole, member = pv.name.rsplit(":", 1)
         key = member.lower()
+        if key == "state" and not 0 <= value < len(STREAM_STATES):  # never a negative index
+            raise PutRejected(f"{pv.name}: index {value} is not one of 0..{len(STREAM_STATES) - 1}")
         merged = {**self.hub[whole], key: STREAM_STATES[value] if key == "state" else value,
                   "timestamp": 0.0}  # 0: the check stamps it now
         merged = stream_value(whole, merged)
