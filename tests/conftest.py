@@ -181,22 +181,34 @@ class Ioc:
     dm_url: str = ""
     proc: subprocess.Popen[str] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    any_ports: bool = False  # as a new user starts it: ports 0, no EPICS_* environment
 
     @property
     def setup_file(self) -> Path:
         return self.data_root / "dm" / "dm.setup.sh"
 
     def start(self) -> None:
-        if not self.ca_port:  # keep the ports across restarts: clients reconnect by themselves
-            self.ca_port, self.pva_port, self.pva_bcast = free_port(), free_port(udp=False), free_port()
-            self.env = epics_env(self.ca_port, self.pva_port, self.pva_bcast)
+        if self.any_ports:
+            ports = ["--ca-port", "0", "--pva-port", "0"]
+            env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
+        else:
+            if not self.ca_port:  # keep the ports across restarts: clients reconnect by themselves
+                self.ca_port, self.pva_port, self.pva_bcast = (free_port(), free_port(udp=False),
+                                                               free_port())
+                self.env = epics_env(self.ca_port, self.pva_port, self.pva_bcast)
+            ports = ["--ca-port", str(self.ca_port), "--pva-port", str(self.pva_port),
+                     "--pva-broadcast-port", str(self.pva_bcast)]
+            env = {**os.environ, **self.env}
         cmd = [str(BIN / "apsdm-ioc"), "--prefix", self.prefix, "--data-root", str(self.data_root),
-               "--interface", "127.0.0.1", "--ca-port", str(self.ca_port),
-               "--pva-port", str(self.pva_port), "--pva-broadcast-port", str(self.pva_bcast),
-               "--poll-period", "0.25", "--log-level", "DEBUG", *self.extra]
-        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
-        self.proc, line = _start(cmd, self.data_root / "ioc.log", env)
+               "--interface", "127.0.0.1", *ports, "--poll-period", "0.25", "--log-level", "DEBUG",
+               *self.extra]
+        self.proc, line = _start(cmd, self.data_root / "ioc.log", {**env, "PYTHONUNBUFFERED": "1"})
         self.dm_url = re.search(r"dm_url=(\S*)", line).group(1)  # type: ignore[union-attr]
+        if self.any_ports:  # the ports it picked, from its READY line
+            found = dict(re.findall(r"(\w+_port)=(\d+)", line))
+            self.ca_port, self.pva_port, self.pva_bcast = (
+                int(found["ca_port"]), int(found["pva_port"]), int(found["pva_udp_port"]))
+            self.env = epics_env(self.ca_port, self.pva_port, self.pva_bcast)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
@@ -250,10 +262,10 @@ def use_ca(env: dict[str, str]) -> None:
     _CA_PRINTF_KEEPALIVE.append(epics.ca.ca_printf)
 
 
-def make_ioc(tmp_path: Path, *extra: str) -> Ioc:
+def make_ioc(tmp_path: Path, *extra: str, any_ports: bool = False) -> Ioc:
     root = tmp_path / "ioc"
     root.mkdir(exist_ok=True)
-    ioc = Ioc(root, f"T{uuid.uuid4().hex[:6]}:", list(extra))
+    ioc = Ioc(root, f"T{uuid.uuid4().hex[:6]}:", list(extra), any_ports=any_ports)
     ioc.start()
     try:
         use_ca(ioc.env)

@@ -268,8 +268,11 @@ class Fuzzer:
 
     def __init__(self, ioc: Ioc, proto: str) -> None:
         self.ioc, self.proto = ioc, proto
+        # not yet the handshake's scalar mirrors and results (Stream:*:State ...): their rules
+        # (e.g. a State of -1 over CA was taken) are still to be written
         self.pvs = [pv for pv in build(Layout(prefix=ioc.prefix))
-                    if pv.field.writable and (proto == "pva" or not pv.field.pva_only)]
+                    if pv.field.writable and (proto == "pva" or not pv.field.pva_only)
+                    and not (pv.group == "Stream" and pv.field.kind is not Kind.STREAM)]
         self.by_name = {pv.name: pv for pv in self.pvs}
         self.status = ioc.pv("Status:Message_RBV")
         self.ctx = ioc.pva_context()  # writes, with p4p's conversions

@@ -33,9 +33,11 @@ def _readback(suffix: str, kind: Kind = Kind.normal, text: bool = False) -> Cpt:
     return Cpt(EpicsSignalRO, suffix, kind=kind, string=text)
 
 
-def _setting(suffix: str, readback: str | None = None, kind: Kind = Kind.config) -> Cpt:
-    """A writable text or enum setting; the put completes once the IOC has taken it."""
-    return Cpt(EpicsSignal, readback or suffix, write_pv=suffix, kind=kind, string=True,
+def _setting(suffix: str, readback: str | None = None, kind: Kind = Kind.config,
+             text: bool = True) -> Cpt:
+    """A writable setting (``text``: a text or enum, else a number); the put completes once
+    the IOC has taken it."""
+    return Cpt(EpicsSignal, readback or suffix, write_pv=suffix, kind=kind, string=text,
                put_complete=True)
 
 
@@ -183,6 +185,29 @@ class DMBeamtime(_Concise):
     message = _readback("Message_RBV", Kind.omitted, text=True)
 
 
+class DMStreamSide(_Concise):
+    """``Stream:Bluesky:`` / ``Stream:Workflow:`` — one side of the streaming handshake as
+    scalars (the IOC keeps them and the PVA structure ``Stream:Bluesky`` one value)."""
+
+    state = _setting("State", kind=Kind.normal)
+    message = _setting("Message", kind=Kind.omitted)
+    counter = _setting("Counter", kind=Kind.normal, text=False)
+
+
+class DMStreamWorkflow(DMStreamSide):
+    """``Stream:Workflow:`` — the workflow's side, with the frames it lost and its results."""
+
+    lost = _setting("Lost", kind=Kind.normal, text=False)
+    results = _setting("Results", kind=Kind.omitted)
+
+
+class DMStream(_Concise):
+    """``Stream:`` — both sides of the streaming handshake; each side writes its own."""
+
+    bluesky = Cpt(DMStreamSide, "Bluesky:")
+    workflow = Cpt(DMStreamWorkflow, "Workflow:")
+
+
 SLOT_GROUPS = (("daq", DMDaq, "DAQ"), ("up", DMUpload, "UP"), ("wf", DMWorkflow, "WF"))
 
 
@@ -200,6 +225,7 @@ class DMGateway(_Concise):
     esaf = Cpt(DMEsaf, "Esaf:", kind=Kind.config)
     proposal = Cpt(DMProposal, "Proposal:", kind=Kind.config)
     beamtime = Cpt(DMBeamtime, "Beamtime:", kind=Kind.omitted)
+    stream = Cpt(DMStream, "Stream:", kind=Kind.omitted)
     slot_counts: tuple[int, int, int] | None = None  # set on the generated classes
 
     def __new__(cls, prefix: str = "DM:", *, n_daq: int = 4, n_upload: int = 4,

@@ -8,9 +8,11 @@ runs the ``Stream:Bluesky``/``Stream:Workflow`` handshake around the collection.
 """
 
 import dataclasses
+import json
 import logging
 import posixpath
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from bluesky import plan_stubs as bps
@@ -21,7 +23,7 @@ from bluesky.utils import MsgGenerator
 from .devices import DMGateway
 from .errors import WorkflowFailed
 from .progress import DEFAULT_POLL_PERIOD, Progress, Timing, wait_until
-from .pva import StreamSignal, StreamState, TableSignal
+from .pva import StreamSignal, StreamState, TableSignal, UniqueIdSignal
 from .reports import RunReport, UserSetup
 from .stubs import (
     JobHandle,
@@ -33,7 +35,8 @@ from .stubs import (
 )
 from .wrappers import WorkflowRequest, dm_workflow_wrapper
 
-__all__ = ["beamtime_experiment_name", "file_collection_plan", "setup_user",
+__all__ = ["FrameSource", "beamtime_experiment_name", "file_collection_plan", "frame_source",
+           "setup_user",
            "streaming_collection_plan"]
 
 log = logging.getLogger("apsdm_ophyd")
@@ -126,9 +129,32 @@ def file_collection_plan(
                       daq_timeout=daq_timeout, job_timeout=timeout)))
 
 
+@dataclass(frozen=True)
+class FrameSource:
+    """An NTNDArray PV the workflow subscribes to: its name, ``host:port`` of its server
+    (blank: found through the ``EPICS_PVA_*`` environment) and a signal of its last uniqueId."""
+
+    pvname: str
+    address: str
+    unique_id: Any
+
+
+def frame_source(detectors: Sequence[Any], frames_pv: str = "",
+                 frames_address: str = "") -> FrameSource | None:
+    """``frames_pv`` (any NTNDArray PV, e.g. an areaDetector PVA plugin's), else the first
+    detector that serves frames (a StreamingDetector: ``frames_pv``, ``unique_id``)."""
+    if frames_pv:
+        return FrameSource(frames_pv, frames_address, UniqueIdSignal(frames_pv, frames_address))
+    for det in detectors:
+        if hasattr(det, "frames_pv") and hasattr(det, "unique_id"):
+            return FrameSource(det.frames_pv.get(), getattr(det, "address", ""), det.unique_id)
+    return None
+
+
 def streaming_collection_plan(
     gateway: DMGateway, detectors: Sequence[Any], num: int, workflow_name: str, *,
     workflow_args: Mapping[str, Any] | None = None, workflow_owner: str = "", wf_slot: int = 1,
+    frames_pv: str = "", frames_address: str = "",
     ready_timeout: float = Timing.ready_timeout,
     reporting_period: float = Timing.reporting_period, poll_period: float = DEFAULT_POLL_PERIOD,
     timeout: float = Timing.job_timeout, raise_on_failure: bool = True,
@@ -142,12 +168,27 @@ def streaming_collection_plan(
     A workflow not ``ready`` within ``ready_timeout`` s, or ending first, raises
     WorkflowFailed; after the collection, ``raise_on_failure`` works as in
     :func:`file_collection_plan`.
+
+    With a frame stream (see :func:`frame_source`: ``frames_pv``, at ``frames_address``,
+    or a StreamingDetector among ``detectors``) the job also gets ``framesPv``,
+    ``framesAddress`` and ``dataDir`` (the experiment's data directory); the counters are
+    uniqueIds (``acquiring``: the one before the first frame, ``done``: the last taken), and
+    the workflow's ``Stream:Workflow:Results`` and ``:Lost`` are recorded in the run
+    (``stream_*`` in ``data_management``, the ``dm`` stream and the stop document's reason).
     """
     channels = gateway.pva
     ours, theirs = channels.bluesky, channels.workflow
+    source = frame_source(detectors, frames_pv, frames_address)
     experiment = yield from bps.rd(gateway.experiment.experiment_name, default_value="")
-    args = {"experimentName": experiment, "prefix": gateway.prefix, "blueskyPv": ours.pvname,
-            "workflowPv": theirs.pvname, **(workflow_args or {})}
+    args: dict[str, Any] = {"experimentName": experiment, "prefix": gateway.prefix,
+                            "blueskyPv": ours.pvname, "workflowPv": theirs.pvname}
+    if source is not None:
+        data_dir = yield from bps.rd(gateway.experiment.data_directory, default_value="")
+        args.update(framesPv=source.pvname, framesAddress=source.address, dataDir=data_dir)
+        # no results of an earlier run recorded in this one
+        yield from bps.abs_set(gateway.stream.workflow.results, "", wait=True)
+        yield from bps.abs_set(gateway.stream.workflow.lost, 0, wait=True)
+    args.update(workflow_args or {})
     yield from bps.abs_set(ours, StreamState("idle", "waiting for the workflow"), wait=True)
     before = yield from bps.rd(theirs, default_value=StreamState("idle"))
     timing = Timing(poll_period=poll_period, reporting_period=reporting_period,
@@ -155,15 +196,30 @@ def streaming_collection_plan(
 
     def ready(handle: JobHandle) -> MsgGenerator[None]:
         yield from _wait_ready(ours, theirs, before, handle, timing, channels.stages(wf_slot))
-        yield from bps.abs_set(ours, StreamState("acquiring", f"collecting {num} frames"),
-                               wait=True)
+        first = 0 if source is None else (yield from bps.rd(source.unique_id, default_value=0))
+        yield from bps.abs_set(ours, StreamState("acquiring", f"collecting {num} frames",
+                                                 int(first)), wait=True)
+
+    def results() -> MsgGenerator[dict[str, Any]]:
+        if source is None:
+            return {}
+        text = yield from bps.rd(gateway.stream.workflow.results, default_value="")
+        lost = yield from bps.rd(gateway.stream.workflow.lost, default_value=0)
+        summary = json.loads(text) if text else {}
+        received = int(summary.get("framesReceived", 0))
+        return {"stream_frames_pv": source.pvname, "stream_frames_received": received,
+                "stream_frames_lost": int(lost), "stream_file": str(summary.get("file", "")),
+                "stream_results": text,
+                "stream_summary": f"{received} frames received, {int(lost)} lost"}
 
     result = yield from dm_workflow_wrapper(
         _announced_count(detectors, num, {"plan_name": "streaming_collection_plan",
-                                          **(md or {})}, ours),
+                                          **(md or {})}, ours,
+                         None if source is None else source.unique_id),
         gateway, WorkflowRequest(workflow_name, args, workflow_owner, wf_slot),
         start_first=True, when_started=ready, raise_on_failure=raise_on_failure,
-        share=share_metadata, report=report, channels=channels, timing=timing)
+        share=share_metadata, report=report, channels=channels, timing=timing,
+        job_results=results)
     final = yield from bps.rd(theirs, default_value=StreamState("done"))
     log.info("workflow stream: %s (%s, counter %d)", final.state, final.message, final.counter)
     return dataclasses.replace(result, workflow_stream=final)
@@ -196,17 +252,19 @@ def _wait_ready(ours: StreamSignal, theirs: StreamSignal, before: StreamState,
 
 
 def _announced_count(detectors: Sequence[Any], num: int, md: Mapping[str, Any],
-                     ours: StreamSignal) -> MsgGenerator[str]:
-    """``bp.count`` posting each frame to Stream:Bluesky (``done`` with the last one, before
-    the run closes; ``error`` if the collection stops)."""
+                     ours: StreamSignal, unique_id: Any = None) -> MsgGenerator[str]:
+    """``bp.count`` posting each shot to Stream:Bluesky (``done`` with the last one, before
+    the run closes; ``error`` if the collection stops); the counter is the shots so far, or
+    with a frame stream the ``unique_id`` signal's last frame."""
     frames = 0
 
     def announce(dets: Sequence[Any]) -> MsgGenerator[None]:
         nonlocal frames
         yield from bps.one_shot(dets)
         frames += 1
+        counter = frames if unique_id is None else (yield from bps.rd(unique_id))
         state = "done" if frames == num else "acquiring"
-        yield from bps.abs_set(ours, StreamState(state, f"frame {frames} of {num}", frames),
+        yield from bps.abs_set(ours, StreamState(state, f"frame {frames} of {num}", int(counter)),
                                wait=True)
 
     def stopped(exc: BaseException) -> MsgGenerator[None]:

@@ -127,6 +127,33 @@ class StreamSignal(_PvaSignal):
         return status
 
 
+@cache
+def _raw_context(address: str) -> Context:
+    """A context returning plain Values (no NT unwrapping), from the environment or straight
+    to ``address`` (``host:port``)."""
+    if not address:
+        return Context("pva", nt=False)
+    return Context("pva", nt=False, useenv=False, conf={
+        "EPICS_PVA_NAME_SERVERS": address, "EPICS_PVA_AUTO_ADDR_LIST": "NO"})
+
+
+class UniqueIdSignal(_PvaSignal):
+    """The ``uniqueId`` of an NTNDArray PV (a detector's last frame), read alone."""
+
+    def __init__(self, pvname: str, address: str = "", *, name: str = "frames_unique_id",
+                 timeout: float = 5.0) -> None:
+        super().__init__(pvname, name=name, context=_raw_context(address), timeout=timeout)
+
+    def get(self, **kwargs: Any) -> int:
+        value = self.context.get(self.pvname, request="field(uniqueId)", timeout=self._timeout)
+        self._readback = int(value["uniqueId"])
+        return self._readback
+
+    def describe(self) -> dict[str, dict[str, Any]]:
+        return {self.name: {"source": f"PVA:{self.pvname}.uniqueId", "dtype": "integer",
+                            "shape": []}}
+
+
 @dataclass(frozen=True)
 class PvaChannels:
     """The gateway's PVA-only PVs the plans use, as ophyd Signals sharing one context."""

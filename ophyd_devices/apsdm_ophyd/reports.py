@@ -97,7 +97,9 @@ class DMRecord:
                         "job_status": job.status, "job_stage": job.stage,
                         "job_run_time": float(job.run_time), "job_message": job.message,
                         "experiment": str(data_management.get("experiment", "")),
-                        "daq_id": str(data_management.get("daq_id", ""))}
+                        "daq_id": str(data_management.get("daq_id", "")),
+                        **{key: value for key, value in data_management.items()
+                           if key.startswith("stream_")}}  # a streaming workflow's results
 
     def read(self) -> dict[str, dict[str, Any]]:
         now = time.time()
@@ -106,5 +108,6 @@ class DMRecord:
 
     def describe(self) -> dict[str, dict[str, Any]]:
         return {f"{self.name}_{key}": {"source": "apsdm_ophyd", "shape": [],
-                                       "dtype": "number" if isinstance(value, float) else "string"}
+                                       "dtype": "number" if isinstance(value, float | int)
+                                       else "string"}
                 for key, value in self._values.items()}

@@ -73,6 +73,7 @@ def dm_workflow_wrapper(
     share: bool = True, report: bool = True, concise: bool = True,
     channels: PvaChannels | None = None,
     when_started: Callable[[JobHandle], MsgGenerator[None]] | None = None,
+    job_results: Callable[[], MsgGenerator[Mapping[str, Any]]] | None = None,
 ) -> MsgGenerator[RunReport]:
     """Run ``plan`` with a DM workflow around its (first) run; returns a RunReport.
 
@@ -80,6 +81,8 @@ def dm_workflow_wrapper(
     then), else after the plan's data (file-based). ``daq_slot``: wait for that DAQ to copy
     ``expected_files`` new files (None: all it has seen) first. A failed job closes the run
     with ``exit_status`` ``fail`` and raises WorkflowFailed if ``raise_on_failure``.
+    ``job_results``: read once the job has ended; what it returns joins ``data_management``
+    (the ``dm`` stream, the shared metadata) and the stop document's reason.
     """
     channels = channels or gateway.pva
     wf = gateway.workflow(request.slot)
@@ -118,6 +121,8 @@ def dm_workflow_wrapper(
         run.job = yield from wait_workflow(run.handle, channels.stages(request.slot),
                                            timing=timing, report=report, concise=concise)
         run.dm.update(job_status=run.job.status)
+        if job_results is not None:
+            run.dm.update((yield from job_results()))
         yield from bps.create("dm")
         yield from bps.read(DMRecord(run.job, run.dm))
         yield from bps.save()
@@ -169,7 +174,8 @@ def _stop_fields(run: _Run, raise_on_failure: bool) -> dict[str, str]:
     job = run.job
     assert job is not None
     if job.ok:
-        return {"reason": f"DM {job.describe()}"}
+        results = run.dm.get("stream_summary")
+        return {"reason": f"DM {job.describe()}" + (f"; stream: {results}" if results else "")}
     if raise_on_failure and job.status != "timeout":
         run.failure = WorkflowFailed(job.describe())
         return {"exit_status": "fail", "reason": job.describe()}

@@ -13,7 +13,7 @@ import os
 import secrets
 import shlex
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,12 +97,15 @@ def _url_host(host: str) -> str:
 
 async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
                         station: str = "APSDM", tls: bool = False, cert: Path | None = None,
-                        key: Path | None = None) -> EmbeddedService:
+                        key: Path | None = None,
+                        job_env: Mapping[str, str] | None = None) -> EmbeddedService:
     """Start the service in the running loop; returns once it listens (port 0: any free one).
 
     ``tls``: serve HTTPS with ``cert`` and ``key``, or a self-signed certificate made on
     first start. Plain HTTP is refused on an address other hosts reach: the DM password
-    would cross the network in clear.
+    would cross the network in clear. ``job_env``: variables every workflow process gets
+    over the service's own environment (the gateway passes its CA/PVA addresses, so
+    streaming jobs find it on any ports).
     """
     try:
         check_name(station, "station name")
@@ -121,7 +124,7 @@ async def start_service(data_root: Path, port: int = 0, host: str = "127.0.0.1",
     hub = WatchHub()
     experiments = Experiments(store, data_root / "storage", station, credentials.username)
     catalog = Catalog(store, experiments.find)
-    processing = Processing(store, data_root / "jobs")
+    processing = Processing(store, data_root / "jobs", job_env)
     uploads = UploadService(store, experiments.find, catalog.add_files, processing)
     daqs = DaqService(store, experiments.find, catalog.add_files, hub, processing,
                       uploads.upload)

@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
                              "made on first start, <data-root>/tls/dm.crt")
     parser.add_argument("--tls-key", type=Path, default=None, metavar="FILE",
                         help="private key (PEM) of --tls-cert")
+    parser.add_argument("--job-env", action="append", default=[], metavar="NAME=VALUE",
+                        type=_assignment,
+                        help="a variable every workflow process gets (repeat the option), "
+                             "e.g. EPICS_PVA_NAME_SERVERS=host:port of the gateway it serves")
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging threshold of the messages written to stderr "
@@ -53,11 +57,19 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _assignment(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` of ``--job-env``, split; a name that is no variable name is refused."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE")
+    return name, value
+
+
 async def _serve(args: argparse.Namespace) -> None:
     tls = args.tls == "on" or (args.tls == "auto" and (
         args.tls_cert is not None or not is_loopback(args.host)))
     service = await start_service(args.data_root, args.port, args.host, args.station, tls,
-                                  args.tls_cert, args.tls_key)
+                                  args.tls_cert, args.tls_key, job_env=dict(args.job_env))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

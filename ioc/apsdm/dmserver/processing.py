@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,11 @@ def _count(value: str | None, what: str) -> int | None:
 class Processing:
     """Workflows, and processing jobs run by JobRunner in tasks of this loop."""
 
-    def __init__(self, store: Store, jobs_root: Path) -> None:
+    def __init__(self, store: Store, jobs_root: Path,
+                 job_env: Mapping[str, str] | None = None) -> None:
         self._store = store
         self._jobs_root = jobs_root
+        self._job_env = dict(job_env or {})  # every job's processes get these variables
         self._saver = ThrottledSaver(store.save_job, milestone=milestone)
         self._live: dict[str, Doc] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
@@ -101,7 +104,7 @@ class Processing:
         """Create a pending job and run it in the background; returns it as submitted."""
         job = new_job(self.getWorkflowByName(owner, workflowName), owner, argsDict or {})
         self._store.save_job(job)
-        runner = JobRunner(job, self._update, self._jobs_root / job["id"])
+        runner = JobRunner(job, self._update, self._jobs_root / job["id"], env=self._job_env)
         self._live[job["id"]] = job
         self._tasks[job["id"]] = asyncio.create_task(self._run(runner))
         log.info("job %s: workflow %s of %s started", job["id"], workflowName, owner)

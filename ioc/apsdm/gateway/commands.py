@@ -20,6 +20,7 @@ from apsdm.dm import CommunicationError, Daq, DmError, Job, NoAnswer, ObjectNotF
 from apsdm.dm.api import DmApi
 
 from .checks import (
+    STREAM_STATES,
     PutRejected,
     absolute_path,
     digits,
@@ -27,6 +28,7 @@ from .checks import (
     job_args,
     json_object,
     relative_path,
+    stream_value,
     workflow_args,
 )
 from .hub import OK, STATUS_COMM, Hub, Writer, coerce, state_alarm
@@ -110,6 +112,34 @@ class Commands:
         value = await self.setting(pv, value, writer)
         self.state.set_owner(_slot(pv), value)
         return value
+
+    # --- the streaming handshake ----------------------------------------------------------
+
+    async def stream_whole(self, pv: PV, value: dict[str, Any], writer: Writer) -> dict[str, Any]:
+        """A handshake structure: checked and stored, its scalar mirrors updated to match."""
+        value = await self.setting(pv, value, writer)
+        await self._mirror(pv.name, value)
+        return value
+
+    async def stream_part(self, pv: PV, value: Any, _writer: Writer) -> Any:
+        """A scalar mirror (``Stream:Bluesky:State`` ...): merged into its structure,
+        stamped now, so readers of either form see one handshake."""
+        whole, member = pv.name.rsplit(":", 1)
+        key = member.lower()
+        if key == "state" and not 0 <= value < len(STREAM_STATES):  # never a negative index
+            raise PutRejected(f"{pv.name}: index {value} is not one of 0..{len(STREAM_STATES) - 1}")
+        merged = {**self.hub[whole], key: STREAM_STATES[value] if key == "state" else value,
+                  "timestamp": 0.0}  # 0: the check stamps it now
+        merged = stream_value(whole, merged)
+        await self.hub.post(whole, merged)
+        await self._mirror(whole, merged)
+        return value
+
+    async def _mirror(self, whole: str, value: dict[str, Any]) -> None:
+        """Post a handshake structure's members to its scalar mirrors."""
+        await self.hub.post(f"{whole}:State", STREAM_STATES.index(value["state"]))
+        await self.hub.post(f"{whole}:Message", str(value["message"]))
+        await self.hub.post(f"{whole}:Counter", int(value["counter"]))
 
     # --- experiment ---------------------------------------------------------------------
 

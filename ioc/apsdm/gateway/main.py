@@ -103,12 +103,32 @@ def free_port(interface: str, *, udp: bool = True) -> int:
                 return port
 
 
-async def make_dm(args: argparse.Namespace) -> tuple[Any, Any]:
-    """The DM client for the chosen backend, and the embedded service when it runs here."""
+def job_env(interface: str, ca_port: int, pva_port: int, pva_bcast: int,
+            environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The EPICS environment that finds this gateway, for the workflow jobs it starts: its
+    CA and PVA addresses first in the search lists (the rest of the lists kept, so a job
+    still finds the beamline's other IOCs), and its PVA TCP port as a name server."""
+    env = os.environ if environ is None else environ
+    host = "127.0.0.1" if interface in ("0.0.0.0", "") else interface
+
+    def first(name: str, address: str) -> str:
+        rest = [a for a in env.get(name, "").split() if a != address]
+        return " ".join([address, *rest])
+
+    return {
+        "EPICS_CA_ADDR_LIST": first("EPICS_CA_ADDR_LIST", f"{host}:{ca_port}"),
+        "EPICS_PVA_ADDR_LIST": first("EPICS_PVA_ADDR_LIST", f"{host}:{pva_bcast}"),
+        "EPICS_PVA_NAME_SERVERS": first("EPICS_PVA_NAME_SERVERS", f"{host}:{pva_port}"),
+    }
+
+
+async def make_dm(args: argparse.Namespace, env: dict[str, str]) -> tuple[Any, Any]:
+    """The DM client for the chosen backend, and the embedded service when it runs here
+    (its workflow jobs get ``env``: see :func:`job_env`)."""
     if args.dm == "embedded":
         from apsdm.dmserver import start_service  # the IOC only starts it, then talks HTTP
 
-        service = await start_service(args.data_root / "dm", port=args.dm_port)
+        service = await start_service(args.data_root / "dm", port=args.dm_port, job_env=env)
         config = DmConfig.from_env({}, setup_file=str(service.setup_file),
                                    timeout=args.dm_timeout)
         return DmClient(config), service
@@ -139,7 +159,7 @@ async def run(args: argparse.Namespace) -> None:
     pva_bcast = pva_bcast or free_port(args.interface)
     os.environ["EPICS_CA_SERVER_PORT"] = str(ca_port)  # caproto reads its port from here
 
-    dm, service = await make_dm(args)
+    dm, service = await make_dm(args, job_env(args.interface, ca_port, pva_port, pva_bcast))
     hub = Hub(build(layout), AccessList(frozenset(args.allow_write)))
     # both servers exist before the first post, so every value reaches both
     ca = CaServer(hub, [args.interface])

@@ -381,11 +381,31 @@ TABLES = (
         ("description", "s", "description")))),
 )
 
+# --- streaming: the handshake structures, their scalar mirrors on both protocols (ophyd
+# signals and screens use them; a write to either form updates the other) and the
+# workflow's results (frames lost, a JSON summary bluesky records in the run)
+
+
+def _stream_side(side: str) -> tuple[Field, ...]:
+    """One side of the handshake: the structure and its State, Message, Counter mirrors."""
+    return (
+        _f(side, Kind.STREAM, f"Streaming handshake: {side.lower()} side", writable=True,
+           check=checks.stream_value, command="stream_whole"),
+        _f(f"{side}:State", E, f"Stream {side.lower()} state", writable=True,
+           enums=STREAM_STATES, command="stream_part"),
+        _f(f"{side}:Message", LS, f"Stream {side.lower()} message", writable=True,
+           command="stream_part"),
+        _f(f"{side}:Counter", L, f"Stream {side.lower()} counter", writable=True,
+           command="stream_part"),
+    )
+
+
 STREAM = (
-    _f("Bluesky", Kind.STREAM, "Streaming handshake: bluesky side", writable=True,
-       check=checks.stream_value),
-    _f("Workflow", Kind.STREAM, "Streaming handshake: workflow side", writable=True,
-       check=checks.stream_value),
+    *_stream_side("Bluesky"),
+    *_stream_side("Workflow"),
+    _f("Workflow:Lost", L, "Frames the workflow lost", writable=True),
+    _f("Workflow:Results", LS, "Workflow results, JSON object", writable=True,
+       check=checks.json_object_text),
 )
 
 # --- ESAF and proposal of the selected experiment (APS DB service), like the apsbss IOC ---

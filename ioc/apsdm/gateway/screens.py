@@ -251,7 +251,8 @@ def build(layout: Layout) -> list[Screen]:
                  ("ESAF", group["Esaf"]), ("Proposal", group["Proposal"]),
                  ("Experiment for ESAF / proposal", group["Beamtime"])],
                 tables["experiment"]),
-        _detail("status", "Gateway status   $(P)", [("Gateway", group["Status"])], []),
+        _detail("status", "Gateway status   $(P)",
+                [("Gateway", group["Status"]), ("Streaming handshake", group["Stream"])], []),
     ]
     for g, (screen, one, _many) in SLOTS.items():
         slot_tables = [pv for pv in group[g] if pv.field.kind is Kind.TABLE]

@@ -22,6 +22,7 @@ from ophyd_async.epics.core import PvaSignalBackend
 from ophyd_async.epics.core._p4p import context
 
 from .enums import HandshakeState
+from .signals import setting
 
 
 class _MemberConverter:
@@ -61,7 +62,8 @@ class StreamMemberBackend(PvaSignalBackend[SignalDatatypeT]):
 
 
 class DMStreamSide(StandardReadable):
-    """One side of the handshake; each side writes its own and reads the other's."""
+    """One side of the handshake; each side writes its own and reads the other's. The
+    ``mirror_*`` signals are its scalar PVs (``Stream:Bluesky:State`` ...), one value with it."""
 
     def __init__(self, pv: str, name: str = "") -> None:
         with self.add_children_as_readables():
@@ -69,6 +71,9 @@ class DMStreamSide(StandardReadable):
             self.counter = SignalRW(StreamMemberBackend(int, pv, "counter"))
         self.message = SignalRW(StreamMemberBackend(str, pv, "message"))
         self.timestamp = SignalRW(StreamMemberBackend(float, pv, "timestamp"))
+        self.mirror_state = setting(HandshakeState, pv, ":State")
+        self.mirror_message = setting(str, pv, ":Message")
+        self.mirror_counter = setting(int, pv, ":Counter")
         super().__init__(name)
 
 
@@ -79,4 +84,6 @@ class DMStream(StandardReadable):
         with self.add_children_as_readables():
             self.bluesky = DMStreamSide(f"{prefix}Bluesky")
             self.workflow = DMStreamSide(f"{prefix}Workflow")
+            self.workflow_lost = setting(int, prefix, "Workflow:Lost")
+        self.workflow_results = setting(str, prefix, "Workflow:Results")
         super().__init__(name)

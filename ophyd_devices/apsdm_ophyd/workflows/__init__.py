@@ -1,4 +1,5 @@
-"""Example DM workflow definitions (JSON) for the demo plans: a file-based and a streaming one.
+"""Example DM workflow definitions (JSON) for the demo plans: a file-based one, a
+streaming handshake demo and the reference streaming workflow.
 
 Add one to DM with ``apsdm add-workflow --file PATH`` (or ``dm-upsert-workflow``); the
 owner defaults to the DM user.
@@ -12,7 +13,8 @@ DIRECTORY = Path(__file__).parent
 
 
 def path(name: str) -> Path:
-    """The JSON file of the demo workflow ``name`` (``files-demo`` or ``streaming-demo``)."""
+    """The JSON file of the demo workflow ``name`` (``files-demo``, ``streaming-demo`` or
+    ``streaming-reference``)."""
     found = DIRECTORY / f"{name}.json"
     if not found.is_file():
         choices = ", ".join(sorted(p.stem for p in DIRECTORY.glob("*.json")))

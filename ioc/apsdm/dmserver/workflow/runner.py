@@ -14,7 +14,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +59,13 @@ class JobRunner:
     """Runs one processing job to its end, mutating the job dict and reporting each change."""
 
     def __init__(
-        self, job: dict, on_update: JobUpdate, work_dir: Path, max_parallel: int = 4
+        self, job: dict, on_update: JobUpdate, work_dir: Path, max_parallel: int = 4,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         if max_parallel < 1:
             raise ValueError("max_parallel must be at least 1")
         self.job = job
+        self.env = dict(env or {})  # the service's job environment, over its own
         self.work_dir = Path(work_dir)
         self._on_update = on_update
         self._slots = asyncio.Semaphore(max_parallel)
@@ -210,7 +212,7 @@ class JobRunner:
             child["startTime"] = time.time()
             count_children(stage)
             self._notify()
-            env = dict(os.environ)
+            env = {**os.environ, **self.env}
             env.update({ENV_PREFIX + name: value for name, value in values.items()})
             if not os.path.isdir(child["workingDir"]):
                 error = f"No such working directory: {child['workingDir']}"
