@@ -309,3 +309,20 @@ def test_service_restart_keeps_finished_and_fails_interrupted(dm_server: DmServe
             assert slow.status == "failed" and "restart" in slow.error_message
 
     run(check())
+
+
+def test_dataset_metadata_up_to_the_url_limit_is_taken_and_more_refused_clearly(
+        dm_server: DmServer) -> None:
+    """DM takes its arguments in the URL: 30 kB of metadata (beyond aiohttp's 8 kB request
+    line) reach the catalog; what httpx will not send is refused before the call, in words."""
+    async def go() -> None:
+        async with dm_server.client() as dm:
+            await dm.add_experiment("md")
+            added = await dm.add_dataset("md", "run_uid8_big", bluesky_run_uid="u",
+                                         bluesky_metadata={"k": "y" * 30_000})
+            assert added["bluesky_metadata"]["k"] == "y" * 30_000
+            with pytest.raises(InvalidArgument, match=r"addExperimentDataset not sent to DM: "
+                                                      r".*\d+ bytes with its arguments"):
+                await dm.add_dataset("md", "run_uid8_huge", bluesky_metadata={"k": "y" * 40_000})
+
+    run(go())

@@ -157,7 +157,10 @@ class _GatewayChannel:
         return await super()._read(data_type)  # type: ignore[misc]
 
     async def show(self, value: Any, alarm: Alarm, timestamp: float) -> None:
-        """Show a hub value, and the record fields that follow it (SEVR, STAT, NORD)."""
+        """Show a hub value, and the record fields that follow it (SEVR, STAT, NORD); a
+        text longer than the char waveform (PVA may hold more) shows its first bytes."""
+        if self.pv.field.kind is Kind.LONGSTRING:
+            value = fit(str(value), self.pv.field.max_length - 1)
         await self.write(value, verify_value=False, timestamp=timestamp,
                          status=AlarmStatus(alarm.status), severity=AlarmSeverity(alarm.severity))
         live = {"SEVR": SEVERITY_NAMES[alarm.severity], "STAT": STATUS_NAMES[alarm.status]}
