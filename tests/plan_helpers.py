@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
@@ -66,3 +67,13 @@ def new_user(dm: Any, gateway: DMGateway, RE: RunEngine, *definitions: dict[str,
         data.mkdir(exist_ok=True)
     run(RE, setup_user(gateway, experiment, data_directory=None if data is None else str(data)))
     return experiment
+
+
+def catalogued(ioc: Any, experiment: str, dataset: str) -> dict[str, Any] | None:
+    """The dataset as the IOC's embedded DM service stored it in its catalog (None: absent),
+    read from the service's own database (DM has no read route for datasets here)."""
+    path = ioc.data_root / "dm" / "dm.sqlite"
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+        row = db.execute("SELECT doc FROM datasets WHERE experiment = ? AND name = ?",
+                         (experiment, dataset)).fetchone()
+    return None if row is None else dict(json.loads(row[0]))

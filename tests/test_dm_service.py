@@ -274,6 +274,16 @@ def test_cli_mirrors_dm_tools(dm_server: DmServer, tmp_path: Path) -> None:
     wf = tmp_path / "wf.json"
     wf.write_text(json.dumps({"name": "hello", "stages": {"01": {"command": "echo hi $who"}}}))
     assert cli("add-workflow", "--file", str(wf)).returncode == 0
+    for _ in range(2):  # installing the demos again updates them
+        out = cli("add-workflow", "--demo")
+        assert out.returncode == 0, out.stderr
+        assert [line.split("name=")[1].split()[0] for line in out.stdout.splitlines()] == [
+            "apsdm-files-demo", "apsdm-streaming-demo"]
+    listed = cli("list-workflows").stdout
+    assert listed.count("name=apsdm-files-demo ") == 1 and "name=hello " in listed
+    out = cli("start-processing-job", "--workflow-name", "apsdm-files-demo", f"dataDir={tmp_path}")
+    assert out.returncode == 0 and "status=pending" in out.stdout
+    demo_job = out.stdout.split("id=")[1].split()[0]
     out = cli("start-processing-job", "--workflow-name", "hello", "who=you")
     assert out.returncode == 0 and "status=pending" in out.stdout
     job_id = out.stdout.split("id=")[1].split()[0]
@@ -282,6 +292,9 @@ def test_cli_mirrors_dm_tools(dm_server: DmServer, tmp_path: Path) -> None:
         assert time.monotonic() < deadline, got.stdout + got.stderr
         time.sleep(0.2)
     assert job_id in cli("list-processing-jobs").stdout
+    while "status=done" not in (got := cli("get-processing-job", "--id", demo_job)).stdout:
+        assert time.monotonic() < deadline and "status=failed" not in got.stdout, got.stdout
+        time.sleep(0.2)
     bad = cli("get-experiment", "--experiment", "nope")
     assert bad.returncode == 1 and bad.stderr.startswith("error: ObjectNotFound")
     assert len(bad.stderr.strip().splitlines()) == 1
@@ -309,3 +322,20 @@ def test_service_restart_keeps_finished_and_fails_interrupted(dm_server: DmServe
             assert slow.status == "failed" and "restart" in slow.error_message
 
     run(check())
+
+
+def test_dataset_metadata_up_to_the_url_limit_is_taken_and_more_refused_clearly(
+        dm_server: DmServer) -> None:
+    """DM takes its arguments in the URL: 30 kB of metadata (beyond aiohttp's 8 kB request
+    line) reach the catalog; what httpx will not send is refused before the call, in words."""
+    async def go() -> None:
+        async with dm_server.client() as dm:
+            await dm.add_experiment("md")
+            added = await dm.add_dataset("md", "run_uid8_big", bluesky_run_uid="u",
+                                         bluesky_metadata={"k": "y" * 30_000})
+            assert added["bluesky_metadata"]["k"] == "y" * 30_000
+            with pytest.raises(InvalidArgument, match=r"addExperimentDataset not sent to DM: "
+                                                      r".*\d+ bytes with its arguments"):
+                await dm.add_dataset("md", "run_uid8_huge", bluesky_metadata={"k": "y" * 40_000})
+
+    run(go())

@@ -374,3 +374,24 @@ def test_clients_leaving_mid_burst_leave_ca_serving(ioc: Ioc) -> None:
     assert monitor.wait_for_connection(5)
     wait_until(lambda: len(beats) >= 3, 10, "heartbeat updates to a new monitor")
     assert "Server error" not in ioc.log()
+
+
+def test_metadata_json_takes_32_kib_over_pva_and_shows_4_kib_on_ca(ioc: Ioc) -> None:
+    """Metadata:Json: PVA takes what DM can take (32 KiB), CA shows the first 4095 bytes
+    (its char waveform); longer texts are refused on each, with the reason, never cut."""
+    from p4p.client.thread import RemoteError
+
+    ctx = ioc.pva_context()
+    text = json.dumps({"esaf": "e" * 10_000})
+    ctx.put(ioc.pv("Metadata:Json"), {"value": text}, timeout=10)
+    assert ctx.get(ioc.pv("Metadata:Json"), timeout=5) == text
+    chars = epics.caget(ioc.pv("Metadata:Json"), count=4096, use_monitor=False, timeout=5)
+    assert bytes(chars).rstrip(b"\0").decode() == text[:4095]
+    too_long = json.dumps({"esaf": "e" * 32 * 1024})
+    with pytest.raises(RemoteError, match="text too long"):
+        ctx.put(ioc.pv("Metadata:Json"), {"value": too_long}, timeout=10)
+    assert "text too long" in caget(ioc, "Metadata:Message_RBV")
+    assert alarm(ioc, "Metadata:Message_RBV")[0] == 1  # MINOR
+    assert ctx.get(ioc.pv("Metadata:Json"), timeout=5) == text  # kept, not cut
+    caput(ioc, "Metadata:Json", json.dumps({"x": "y" * 5000}))  # CA: refused (or cut by pyepics)
+    assert ctx.get(ioc.pv("Metadata:Json"), timeout=5) == text

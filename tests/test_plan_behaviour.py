@@ -16,9 +16,19 @@ from typing import Any
 import pytest
 from bluesky import RunEngine
 from bluesky import plans as bp
+from bluesky import preprocessors as bpp
 from bluesky.utils import RunEngineInterrupted
 from ophyd.sim import SynAxis
-from plan_helpers import FAST, add_to_dm, demo, failing_workflow, file_detector, new_user, run
+from plan_helpers import (
+    FAST,
+    add_to_dm,
+    catalogued,
+    demo,
+    failing_workflow,
+    file_detector,
+    new_user,
+    run,
+)
 
 from apsdm_ophyd import (
     DMGateway,
@@ -26,11 +36,13 @@ from apsdm_ophyd import (
     PreflightFailed,
     Progress,
     RunReport,
+    Timing,
     WorkflowFailed,
     WorkflowRequest,
     dm_workflow_wrapper,
     file_collection_plan,
     setup_user,
+    share_metadata,
     streaming_collection_plan,
 )
 
@@ -158,10 +170,11 @@ def test_streaming_plan_pauses_while_waiting_for_ready_and_resumes(
 
 
 @pytest.mark.parametrize("end", ["abort", "stop"])
-def test_abort_and_stop_release_the_workflow_slot(
-        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path, end: str,
+def test_abort_and_stop_release_the_workflow_slot_and_share_the_metadata(
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path, end: str,
         capsys: pytest.CaptureFixture[str]) -> None:
-    new_user(dm, gateway, RE, sleeper("slow", 20))
+    experiment = new_user(dm, gateway, RE, sleeper("slow", 20))
+    docs = documents(RE)
     pause_in(RE, "wf1 stages", defer=False)
     with pytest.raises(RunEngineInterrupted):
         RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "slow",
@@ -174,6 +187,12 @@ def test_abort_and_stop_release_the_workflow_slot(
         time.sleep(0.1)
     assert gateway.wf1.start_job.get() == 0
     assert "WF1:Start released" in capsys.readouterr().out
+    uid = docs["start"][-1]["uid"]
+    shared = catalogued(ioc, experiment, f"run_uid8_{uid[:8]}")
+    assert shared is not None, f"the {end}ed run's metadata is not in DM's catalog"
+    dm_md = shared["bluesky_metadata"]["data_management"]
+    assert dm_md["exit_status"] == end and dm_md["job_id"]
+    assert "primary" in shared["bluesky_metadata"]["streams"]
 
 
 def test_mistakes_fail_in_preflight_before_any_data(
@@ -268,13 +287,50 @@ def test_progress_reaches_status_watchers(
     assert all(0 <= kw["fraction"] <= 1 for kw in stages)
 
 
-def test_metadata_over_the_pv_limit_is_an_error_in_the_run(
-        dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
-    new_user(dm, gateway, RE, sleeper("quick", 0.2))
+def test_10_kB_of_metadata_and_every_stream_reach_dms_catalog(
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
+    experiment = new_user(dm, gateway, RE, sleeper("quick", 0.2))
+    esaf = {"id": 271828, "title": "x" * 10_000, "users": ["ada", "grace"]}
+    motor = SynAxis(name="motor")
+    plan = bpp.baseline_wrapper(bp.count([file_detector(tmp_path)], 2), [motor])
+    report: RunReport = run(RE, dm_workflow_wrapper(
+        plan, gateway, WorkflowRequest("quick"), timing=Timing(**FAST)))
+    shared = catalogued(ioc, experiment, report.dataset)
+    assert shared is not None and report.dataset == f"run_uid8_{report.run_uid[:8]}"
+    md = shared["bluesky_metadata"]
+    assert md["bluesky_run_uid"] == report.run_uid and md["data_management"]["job_id"]
+    streams = md["streams"]
+    assert set(streams) == {"primary", "baseline", "dm"}  # every stream, as apstools shares
+    (baseline,) = streams["baseline"]["descriptors"]
+    assert baseline["data_keys"]["motor"]["dtype"] == "number"
+    assert "motor" in baseline["configuration"]
+    assert streams["dm"]["descriptors"][0]["data_keys"]["dm_job_id"]
+
+    report = run(RE, file_collection_plan(gateway, [file_detector(tmp_path)], 1, "quick",
+                                          expected_files=0, md={"esaf": esaf}, **FAST))
+    shared = catalogued(ioc, experiment, report.dataset)
+    assert shared is not None and shared["bluesky_metadata"]["esaf"] == esaf
+    assert len(json.dumps(shared["bluesky_metadata"])) > 10_000
+
+
+def test_metadata_the_ioc_or_dm_refuses_fails_the_run_with_the_reason(
+        ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path) -> None:
+    experiment = new_user(dm, gateway, RE, sleeper("quick", 0.2))
     docs = documents(RE)
-    with pytest.raises(MetadataNotShared, match=r"over the 4095 bytes Metadata:Json holds"):
+    with pytest.raises(MetadataNotShared, match=r"Metadata:Json \(\d+ bytes\) refused: "
+                                                r".*text too long"):
         RE(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "quick",
-                                expected_files=0, md={"esaf": "x" * 10_000},
-                                **FAST))
+                                expected_files=0, md={"image": "x" * (1 << 20)}, **FAST))
     assert docs["stop"][-1]["exit_status"] == "fail"
-    assert "not shared with DM" in docs["stop"][-1]["reason"]
+    assert "text too long" in docs["stop"][-1]["reason"]
+    assert catalogued(ioc, experiment, f"run_uid8_{docs['start'][-1]['uid'][:8]}") is None
+
+    info = {"datasetName": "twice", "bluesky_run_uid": uuid.uuid4().hex, "big": "y" * 32_000}
+    share = share_metadata(gateway.metadata, info, json_pva=gateway.pva.metadata_json)
+    assert run(RE, share) == "twice"
+    assert catalogued(ioc, experiment, "twice") == {**catalogued(ioc, experiment, "twice"),
+                                                    "bluesky_metadata": info}
+    with pytest.raises(MetadataNotShared, match="already exists"):  # DM's refusal
+        RE(share_metadata(gateway.metadata, info, json_pva=gateway.pva.metadata_json))
+    with pytest.raises(MetadataNotShared, match="over the 4095 bytes Metadata:Json holds on CA"):
+        RE(share_metadata(gateway.metadata, {"big": "x" * 5000}))  # CA alone: refused before

@@ -103,3 +103,19 @@ def _never() -> Any:
 
 def test_reading_the_experiment_says_which_it_is() -> None:
     assert {"experiment_name", "valid"} <= set(DMGateway("X:", name="dm").experiment.read_attrs)
+
+
+def test_the_bluesky_extra_has_what_best_effort_callback_needs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """BestEffortCallback plots a run with what ``[bluesky]`` installs (matplotlib)."""
+    monkeypatch.setenv("MPLBACKEND", "Agg")  # no display on a test machine
+    import matplotlib.pyplot as plt
+    from bluesky import plans as bp
+    from bluesky.callbacks.best_effort import BestEffortCallback
+    from ophyd.sim import det, motor
+
+    RE = RunEngine({})
+    RE.subscribe(BestEffortCallback())
+    RE(bp.scan([det], motor, -1, 1, 3))
+    assert plt.get_fignums(), "BestEffortCallback drew no plot"
+    plt.close("all")

@@ -8,6 +8,7 @@ read and write them with ``bps.rd`` / ``bps.abs_set`` messages, never p4p calls 
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -154,6 +155,30 @@ class UniqueIdSignal(_PvaSignal):
                             "shape": []}}
 
 
+class TextSignal(_PvaSignal):
+    """A text PV written over PVA, where it may hold more than CA's 4 kB (``Metadata:Json``)."""
+
+    def get(self, **kwargs: Any) -> str:
+        self._readback = str(self.context.get(self.pvname, timeout=self._timeout))
+        return self._readback
+
+    def set(self, value: str, **kwargs: Any) -> Status:
+        """Put ``value`` off the caller's thread; the Status fails with the IOC's refusal."""
+        status = Status()
+
+        def put() -> None:
+            try:
+                # as a field: p4p parses a bare str that looks like JSON as a structure
+                self.context.put(self.pvname, {"value": value}, timeout=self._timeout)
+            except Exception as exc:  # p4p's RemoteError carries the IOC's reason
+                status.set_exception(exc)
+            else:
+                status.set_finished()
+
+        threading.Thread(target=put, name=f"put {self.pvname}", daemon=True).start()
+        return status
+
+
 @dataclass(frozen=True)
 class PvaChannels:
     """The gateway's PVA-only PVs the plans use, as ophyd Signals sharing one context."""
@@ -165,6 +190,12 @@ class PvaChannels:
     def workflows(self) -> TableSignal:
         """``Workflows``: name, owner, stage count and description of every DM workflow."""
         return TableSignal(f"{self.prefix}Workflows", name="dm_workflows", context=self.context)
+
+    @property
+    def metadata_json(self) -> TextSignal:
+        """``Metadata:Json`` over PVA: run metadata of any size (CA holds 4 kB)."""
+        return TextSignal(f"{self.prefix}Metadata:Json", name="dm_metadata_json",
+                          context=self.context)
 
     @property
     def bluesky(self) -> StreamSignal:

@@ -4,7 +4,8 @@ Before the plan: the pre-flight checks (and, with ``start_first``, the job's sta
 the run: ``data_management`` in the start document; at its end, before ``close_run``:
 the wait for the DAQ's copies, the job (started now unless it already runs), a ``dm``
 event stream with the job's outcome, the metadata shared with DM's catalog, and the stop
-document's ``exit_status``/``reason``. Stop or abort releases the job's slot.
+document's ``exit_status``/``reason``. Stop or abort releases the job's slot; a run ended
+early (abort, stop, an error) shares its metadata too, marked with how it ended.
 """
 
 import logging
@@ -14,7 +15,7 @@ from typing import Any
 
 from bluesky import plan_stubs as bps
 from bluesky import preprocessors as bpp
-from bluesky.utils import Msg, MsgGenerator, single_gen
+from bluesky.utils import Msg, MsgGenerator, RequestAbort, RequestStop, single_gen
 
 from .devices import DMGateway
 from .errors import GatewayError, WorkflowFailed
@@ -37,6 +38,9 @@ from .stubs import (
 __all__ = ["WorkflowRequest", "dm_workflow_wrapper"]
 
 log = logging.getLogger("apsdm_ophyd")
+
+#: How a run that ended early is marked in the metadata shared with DM (else: ``fail``).
+_EXIT_STATUS: dict[type[BaseException], str] = {RequestAbort: "abort", RequestStop: "stop"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class _Run:
     failure: Exception | None = None
     opened: bool = False
     closing: bool = False
+    shared: bool = False  # share_metadata was begun
     baseline: DaqBaseline | None = None
     start: dict[str, Any] = field(default_factory=dict)
     descriptors: list[dict[str, Any]] = field(default_factory=list)
@@ -127,9 +132,25 @@ def dm_workflow_wrapper(
         yield from bps.read(DMRecord(run.job, run.dm))
         yield from bps.save()
         if share:
-            run.dataset = yield from share_metadata(
-                gateway.metadata, run_metadata(run.start, run.descriptors,
-                                               data_management=run.dm), timing)
+            yield from share_run()
+
+    def share_run() -> MsgGenerator[None]:
+        run.shared = True
+        run.dataset = yield from share_metadata(
+            gateway.metadata, run_metadata(run.start, run.descriptors, data_management=run.dm),
+            timing, json_pva=channels.metadata_json)
+
+    def on_error(exc: Exception) -> MsgGenerator[None]:
+        """A run that ends early (abort, stop, an error) still has its metadata shared."""
+        if not (share and run.opened) or run.shared:
+            return
+        run.dm.update(exit_status=_EXIT_STATUS.get(type(exc), "fail"),
+                      reason=str(exc) or type(exc).__name__)
+        try:
+            yield from share_run()
+        except GatewayError as failure:  # the run's own exception goes on; say this loudly
+            log.error("metadata of the ended run not shared: %s", failure)
+            print(f"metadata of the ended run not shared with DM: {failure}")
 
     def on_msg(msg: Msg) -> tuple[MsgGenerator[Any] | None, None]:
         if msg.command == "open_run" and not run.opened:
@@ -157,7 +178,7 @@ def dm_workflow_wrapper(
     def cleanup() -> MsgGenerator[None]:  # reads run.handle when it runs, not before
         yield from release_workflow(run.handle, "the plan ended first")
 
-    yield from bpp.finalize_wrapper(body(), cleanup)
+    yield from bpp.contingency_wrapper(body(), except_plan=on_error, final_plan=cleanup)
     if run.failure is not None:
         raise run.failure
     if run.job is None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import sys
 from collections.abc import Iterable
@@ -55,6 +56,16 @@ def _key_values(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def demo_workflows() -> list[Path]:
+    """The demo workflow definitions packaged with the bluesky plans (``apsdm_ophyd/workflows``),
+    found without importing that package (it needs the ``[bluesky]`` extra)."""
+    spec = importlib.util.find_spec("apsdm_ophyd")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("the demo workflows come with apsdm_ophyd, which is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "workflows"
+    return sorted(folder.glob("*.json"))
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="apsdm", description=__doc__)
     ap.add_argument("--url", help="base URL of all DM services (default: DM_* environment)")
@@ -82,8 +93,12 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--file", default="", help="only this file, relative to the directory")
     sub.add_parser("list-daqs", help="all DAQs")
     sub.add_parser("list-uploads", help="all uploads")
-    s = sub.add_parser("add-workflow", help="add or update a workflow from a JSON file")
-    s.add_argument("--file", required=True, type=Path)
+    s = sub.add_parser("add-workflow", help="add or update a workflow from a JSON file, "
+                                            "or the demo workflows of the bluesky plans")
+    which = s.add_mutually_exclusive_group(required=True)
+    which.add_argument("--file", type=Path)
+    which.add_argument("--demo", action="store_true",
+                       help="every demo workflow packaged with apsdm_ophyd (apsdm-files-demo, …)")
     sub.add_parser("list-workflows", help="workflows of the DM user")
     s = sub.add_parser("start-processing-job", help="start a job: key=value arguments")
     s.add_argument("--workflow-name", required=True)
@@ -140,8 +155,9 @@ async def run(args: argparse.Namespace) -> list[str]:
             items = await (dm.list_daqs() if c == "list-daqs" else dm.list_uploads())
             return [_line(t.raw, SHOWN["daq"]) for t in items]
         if c == "add-workflow":
-            w = await dm.upsert_workflow(json.loads(args.file.read_text()))
-            return [_line(w.raw, SHOWN["workflow"])]
+            files = demo_workflows() if args.demo else [args.file]
+            return [_line((await dm.upsert_workflow(json.loads(f.read_text()))).raw,
+                          SHOWN["workflow"]) for f in files]
         if c == "list-workflows":
             return [_line(w.raw, SHOWN["workflow"]) for w in await dm.list_workflows()]
         if c == "start-processing-job":

@@ -21,6 +21,7 @@ from .errors import (
     AuthenticationError,
     CommunicationError,
     ConfigurationError,
+    InvalidArgument,
     NoAnswer,
     error_from_status,
 )
@@ -91,6 +92,9 @@ class DmClient(DmClientBase):
             try:
                 resp = await session.http.request(
                     route.method, path, headers={"Content-Type": "html"})
+            except httpx.InvalidURL as exc:  # DM takes every argument in the URL
+                raise InvalidArgument(f"{route_name} not sent to DM: {exc} ({len(path)} bytes "
+                                      "with its arguments): pass less") from None
             except httpx.HTTPError as exc:
                 error = NoAnswer if isinstance(exc, _MAYBE_RECEIVED) else CommunicationError
                 raise error(f"DM at {session.base_url} is unreachable: {_why(exc)}") from None

@@ -149,6 +149,12 @@ class _Dispatcher:
         return response
 
 
+#: Bytes of request line and header DM's CherryPy servers take (its default
+#: ``server.max_request_header_size``): DM's arguments travel in the URL, so this bounds
+#: them (aiohttp's own default, 8190, would refuse 5 kB of run metadata).
+MAX_REQUEST_HEADER = 500 * 1024
+
+
 def app_runner(credentials: Credentials, services: Iterable[object]) -> web.AppRunner:
     """The web application, each route of routes.ROUTES served by the one service naming it,
     in a runner that writes the access log."""
@@ -164,4 +170,5 @@ def app_runner(credentials: Credentials, services: Iterable[object]) -> web.AppR
     app.router.add_route("*", r"/{tail:[\s\S]*}",
                          _Dispatcher(Sessions(credentials), handlers).handle)
     return web.AppRunner(app, access_log=access_log, access_log_format=ACCESS_LOG_FORMAT,
-                         shutdown_timeout=5.0)
+                         shutdown_timeout=5.0, max_line_size=MAX_REQUEST_HEADER,
+                         max_field_size=MAX_REQUEST_HEADER)

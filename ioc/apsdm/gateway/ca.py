@@ -256,7 +256,10 @@ class _GatewayChannel:
         await self.hub.put(self.pv.name, self.preprocess_value(value), writer)  # type: ignore[attr-defined]
 
     async def show(self, value: Any, alarm: Alarm, timestamp: float) -> None:
-        """Show a hub value, and the record fields that follow it (SEVR, STAT, LEN, NORD)."""
+        """Show a hub value, and the record fields that follow it (SEVR, STAT, LEN, NORD); a
+        text longer than the char waveform (PVA may hold more) shows its first bytes."""
+        if self.pv.field.kind is Kind.LONGSTRING:
+            value = fit(str(value), self.pv.field.max_length - 1)
         await self.write(value, verify_value=False, timestamp=timestamp,
                          status=AlarmStatus(alarm.status), severity=AlarmSeverity(alarm.severity))
         live = {"SEVR": SEVERITY_NAMES[alarm.severity], "STAT": STATUS_NAMES[alarm.status]}

@@ -412,8 +412,10 @@ class Commands:
     # --- metadata -----------------------------------------------------------------------
 
     async def metadata_upload(self, pv: PV, _value: int, _writer: Writer) -> None:
-        """Add the run metadata in Metadata:Json to DM's dataset catalog."""
+        """Add the run metadata in Metadata:Json to DM's dataset catalog; DatasetName_RBV
+        is blank until DM has added it (a client waits for the name it expects)."""
         m = _group(pv)
+        await self.hub.post(m + "DatasetName_RBV", "")
         experiment = self._experiment()
         metadata = json_object(m + "Json", self.hub[m + "Json"])
         if not metadata:

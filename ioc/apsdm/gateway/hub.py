@@ -106,7 +106,7 @@ class Hub:
         """Set a PV's value and alarm and show it on both protocols (unchanged: no event)."""
         pv = self.pvs[name]
         if pv.field.kind in (Kind.STRING, Kind.LONGSTRING) and isinstance(value, str):
-            value = fit(value, pv.field.max_length - 1)  # the same text on CA and PVA
+            value = fit(value, pv.field.length("pva") - 1)  # CA shows what it can hold
         if not force and self.values[name] == value and self.alarms[name] == alarm:
             return
         self.values[name], self.alarms[name] = value, alarm
@@ -156,7 +156,7 @@ class Hub:
         if not pv.field.writable:
             raise PutRejected(f"{name} is read-only")
         self.check_writer(pv, writer)
-        value = coerce(pv, raw)
+        value = coerce(pv, raw, writer.protocol)
         if pv.field.kind is Kind.BUSY:
             return await self._command(pv, value, writer, self.handlers[name])
         handler = self.handlers.get(name)
@@ -210,8 +210,9 @@ def fit(text: str, limit: int) -> str:
     return text if len(data) <= limit else data[:limit].decode("utf-8", "ignore")
 
 
-def coerce(pv: PV, raw: Any) -> Any:
-    """Turn a client's value into the PV's Python type, or refuse it with a reason."""
+def coerce(pv: PV, raw: Any, protocol: str = "ca") -> Any:
+    """Turn a client's value into the PV's Python type, or refuse it with a reason (texts
+    by the length the PV holds on the writer's ``protocol``)."""
     f = pv.field
     if isinstance(raw, bytes):
         try:
@@ -224,7 +225,7 @@ def coerce(pv: PV, raw: Any) -> Any:
             raise PutRejected(f"{pv.name}: text contains NUL characters")
         # one byte is kept for the terminator, as EPICS does: a client that cut a longer
         # text to the element count is then refused instead of silently truncated
-        limit = f.max_length - 1
+        limit = f.length(protocol) - 1
         if len(text.encode("utf-8")) > limit:
             raise PutRejected(f"{pv.name}: text too long ({len(text)} characters, at most {limit})")
         return text

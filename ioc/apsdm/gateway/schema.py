@@ -23,7 +23,10 @@ from apsdm.dm.status import FAILED_STATUSES
 from . import checks
 from .checks import STREAM_STATES as STREAM_STATES  # the handshake's states, served here
 
-LONG_STRING = 4096  # bytes a long-string (char waveform) PV holds
+LONG_STRING = 4096  # bytes a long-string (char waveform) PV holds on CA
+#: bytes a long string may hold over PVA where its field allows more (``pva_length``): DM
+#: takes its arguments in the URL, base64 twice (x1.85), and httpx sends 64 KiB of URL at most
+PVA_LONG_STRING = 32 * 1024
 STRING = 40  # DBR_STRING
 JOBS_SHOWN = 100  # rows of the Jobs table (newest first)
 
@@ -118,6 +121,7 @@ class Field:
     option: str = ""  # DAQ/upload settings: the DM daqInfo key Start passes the value as
     low: float = 0.0  # LONG, DOUBLE: display limits (LOPR, HOPR); equal: none
     high: float = 0.0
+    pva_length: int = 0  # LONGSTRING: bytes it holds over PVA, beyond CA's (0: the same)
 
     @property
     def pva_only(self) -> bool:
@@ -125,7 +129,12 @@ class Field:
 
     @property
     def max_length(self) -> int:
+        """Bytes the PV holds on CA (its char waveform's NELM), terminator included."""
         return LONG_STRING if self.kind is Kind.LONGSTRING else STRING
+
+    def length(self, protocol: str) -> int:
+        """Bytes the PV holds when written through ``protocol`` ("ca" or "pva")."""
+        return max(self.max_length, self.pva_length) if protocol == "pva" else self.max_length
 
     @property
     def columns(self) -> tuple[tuple[str, str], ...]:
@@ -320,7 +329,8 @@ WORKFLOW = (
 )
 
 METADATA = (
-    _f("Json", LS, "Run metadata, JSON object", writable=True, check=checks.json_object_text),
+    _f("Json", LS, "Run metadata, JSON object", writable=True, check=checks.json_object_text,
+       pva_length=PVA_LONG_STRING),  # CA shows the first 4 kB; PVA all of it
     _f("Upload", B, "Add metadata to DM catalog", writable=True, enums=("Done", "Upload"),
        command="metadata_upload"),
     _f("DatasetName_RBV", S, "Dataset name in DM catalog"),  # posted by metadata_upload

@@ -1,8 +1,8 @@
 """Example DM workflow definitions (JSON) for the demo plans: a file-based one, a
 streaming handshake demo and the reference streaming workflow.
 
-Add one to DM with ``apsdm add-workflow --file PATH`` (or ``dm-upsert-workflow``); the
-owner defaults to the DM user.
+Add them all to DM with ``apsdm add-workflow --demo``, one with ``apsdm add-workflow --file
+PATH`` (or ``dm-upsert-workflow``); the owner defaults to the DM user.
 """
 
 from __future__ import annotations
