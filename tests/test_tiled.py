@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,35 +28,50 @@ pytestmark = pytest.mark.timeout(480)
 TILED_READY_TIMEOUT = 120.0
 
 
+@dataclass
+class TiledServer:
+    """A ``tiled serve`` process and how to reach it."""
+
+    proc: subprocess.Popen[str]
+    url: str
+    api_key: str
+    log: Path
+
+
 @pytest.fixture
-def tiled(tmp_path: Path) -> Iterator[Any]:
-    """A Tiled server with its own SQLite catalog and writable storage in ``tmp_path``, on a free
-    loopback port with an API key (it may read detector files anywhere in ``tmp_path``);
-    yields a client that may write."""
+def tiled_server(tmp_path: Path) -> Iterator[TiledServer]:
+    """``tiled serve catalog`` with its own SQLite catalog and writable storage in ``tmp_path``,
+    on a free loopback port with an API key (it may read detector files anywhere in
+    ``tmp_path``); started, not waited for, so it loads while the IOC starts."""
     port, key, root = free_port(udp=False), secrets.token_hex(16), tmp_path / "tiled"
     (root / "data").mkdir(parents=True)
-    log = (tmp_path / "tiled.log").open("w")
-    proc = subprocess.Popen(
-        [str(BIN / "tiled"), "serve", "catalog", str(root / "catalog.db"), "--init",
-         "--write", str(root / "data"), "--write", f"sqlite:///{root / 'tables.db'}",
-         "--read", str(tmp_path), "--api-key", key, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "tiled.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [str(BIN / "tiled"), "serve", "catalog", str(root / "catalog.db"), "--init",
+             "--write", str(root / "data"), "--write", f"sqlite:///{root / 'tables.db'}",
+             "--read", str(tmp_path), "--api-key", key, "--host", "127.0.0.1",
+             "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        deadline = time.monotonic() + TILED_READY_TIMEOUT
-        while True:
-            assert proc.poll() is None, f"tiled serve exited:\n{(tmp_path / 'tiled.log').read_text()}"
-            try:
-                if httpx.get(f"{url}/api/v1/", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"tiled serve not ready in {TILED_READY_TIMEOUT} s"
-            time.sleep(0.5)
-        yield from_uri(url, api_key=key)
+        yield TiledServer(proc, f"http://127.0.0.1:{port}", key, log)
     finally:
         _stop(proc)
-        log.close()
+
+
+@pytest.fixture
+def tiled(tiled_server: TiledServer) -> Any:
+    """A client of the server that may write, once it answers."""
+    deadline = time.monotonic() + TILED_READY_TIMEOUT
+    while True:
+        assert tiled_server.proc.poll() is None, f"tiled serve exited:\n{tiled_server.log.read_text()}"
+        try:
+            if httpx.get(f"{tiled_server.url}/api/v1/", timeout=2).status_code == 200:
+                return from_uri(tiled_server.url, api_key=tiled_server.api_key)
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"tiled serve not ready in {TILED_READY_TIMEOUT} s"
+        time.sleep(0.5)
 
 
 def found(catalog: Any, *queries: Any) -> set[str]:
@@ -66,7 +82,9 @@ def found(catalog: Any, *queries: Any) -> set[str]:
 
 
 def test_runs_are_found_in_tiled_by_dm_experiment_and_job_id(
-        dm: Any, gateway: DMGateway, RE: RunEngine, tiled: Any, tmp_path: Path) -> None:
+        tiled_server: TiledServer, dm: Any, gateway: DMGateway, RE: RunEngine, tiled: Any,
+        tmp_path: Path) -> None:
+    """``tiled_server`` comes first, so the server loads while the IOC and DM start."""
     data = tmp_path / "detector"
     experiment = new_user(dm, gateway, RE, demo("files-demo"), demo("streaming-demo"), data=data)
     RE.subscribe(TiledWriter(tiled))

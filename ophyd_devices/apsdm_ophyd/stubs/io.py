@@ -18,7 +18,8 @@ from ..devices import NO_YES
 from ..errors import GatewayError
 from ..progress import DEFAULT_POLL_PERIOD, wait_until
 
-__all__ = ["READBACK_GRACE", "YES", "busy", "expect", "is_busy", "pv_name", "refusal", "release",
+__all__ = ["READBACK_GRACE", "YES", "Completion", "busy", "expect", "is_busy", "pv_name", "refusal",
+           "release",
            "run_command", "write"]
 
 log = logging.getLogger("apsdm_ophyd")
@@ -34,6 +35,25 @@ def busy(command: Any) -> Any:
     """The busy PV a command writes: an ophyd EpicsSignal itself, an ophyd-async BusyCommand's
     ``busy`` signal (its put completes when the action ends; the plans read the outcome)."""
     return getattr(command, "busy", command)
+
+
+class Completion:
+    """A busy PV as a Movable whose status finishes when the put completes, even when the IOC
+    reports the action failed (ophyd-async's PVA put fails then, which the RunEngine would
+    raise as FailedStatus; ophyd's CA put callback never fails): the plans read the outcome
+    and the IOC's reason from the readbacks, the same way for both flavours."""
+
+    parent = None
+
+    def __init__(self, command: Any) -> None:
+        self.signal = busy(command)
+        self.name = self.signal.name
+
+    def set(self, value: int) -> Status:
+        """Put ``value`` with put-completion and no timeout (a job may run for hours)."""
+        finished = Status()
+        self.signal.set(value, timeout=None).add_callback(lambda _status: finished.set_finished())
+        return finished
 
 
 def is_busy(value: Any) -> bool:
@@ -88,7 +108,7 @@ def expect(device: Device, condition: Callable[[], MsgGenerator[bool]], failure:
 def run_command(command: EpicsSignal, *, timeout: float,
                 poll_period: float = DEFAULT_POLL_PERIOD) -> MsgGenerator[None]:
     """Write 1 to a busy command and wait (in short waits) until the IOC's action ends."""
-    status = yield from bps.abs_set(busy(command), 1, timeout=None)
+    status = yield from bps.abs_set(Completion(command), 1)
     yield from bps.checkpoint()  # a rewind after a pause must not start it again
     yield from wait_until(lambda: _done(status), timeout=timeout, poll_period=poll_period,
                           what=pv_name(busy(command)))
@@ -98,7 +118,7 @@ def release(command: EpicsSignal, status: Status | None, why: str) -> MsgGenerat
     """Write 0 to a busy command still waiting on our put: the slot is free, DM goes on."""
     if status is None or status.done:
         return
-    yield from bps.abs_set(busy(command), 0, wait=True)
+    yield from bps.abs_set(Completion(command), 0, wait=True)
     message = f"{pv_name(busy(command))} released ({why}); the DM action itself goes on"
     log.warning(message)
     print(message)
