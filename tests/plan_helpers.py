@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from bluesky import RunEngine
+from bluesky import plan_stubs as bps
 from ophyd.sim import SynSignalWithRegistry
 
-from apsdm_ophyd import DMGateway, setup_user, workflows
+from apsdm_ophyd import DMGateway, RunReport, UserSetup, file_collection_plan, setup_user, workflows
 
 FAST = {"reporting_period": 0.5, "poll_period": 0.1}
 
@@ -77,3 +80,47 @@ def catalogued(ioc: Any, experiment: str, dataset: str) -> dict[str, Any] | None
         row = db.execute("SELECT doc FROM datasets WHERE experiment = ? AND name = ?",
                          (experiment, dataset)).fetchone()
     return None if row is None else dict(json.loads(row[0]))
+
+
+def rd(RE: RunEngine, signal: Any) -> Any:
+    """A readback through the RunEngine (``bps.rd``), the same for both device flavours."""
+    return RE(bps.rd(signal)).plan_result
+
+
+def check_file_based_flow(RE: RunEngine, gateway: Any, dm: Any, tmp_path: Path,
+                          caplog: pytest.LogCaptureFixture) -> None:
+    """setup_user (DAQ reused, upload) then file_collection_plan to a ``done`` job that saw
+    the files; ``gateway`` is either device flavour (ophyd or ophyd-async DMGateway)."""
+    experiment = f"exp-{uuid.uuid4().hex[:6]}"
+    exp = add_to_dm(dm, experiment, demo("files-demo"))
+    data = tmp_path / "detector"
+    data.mkdir()
+    qmap = tmp_path / "user" / "qmap.txt"  # away from the IOC's storage (DM refuses that)
+    qmap.parent.mkdir()
+    qmap.write_text("q-map for the analysis\n")
+
+    setup: UserSetup = run(RE, setup_user(gateway, experiment, data_directory=str(data),
+                                          daq_dest="raw", upload_file=str(qmap),
+                                          upload_dest="setup"))
+    assert setup.experiment == experiment and setup.daq_id and setup.upload_id
+    assert rd(RE, gateway.daq(1).active) == "Yes"
+    assert (Path(exp.data_directory) / "setup" / "qmap.txt").read_text() == qmap.read_text()
+    again: UserSetup = run(RE, setup_user(gateway, experiment, data_directory=str(data),
+                                          daq_dest="raw"))
+    assert again.daq_id == setup.daq_id  # the active DAQ is reused, not started twice
+
+    caplog.set_level(logging.INFO, logger="apsdm_ophyd")
+    report: RunReport = run(RE, file_collection_plan(
+        gateway, [file_detector(data)], 3, "apsdm-files-demo", md={"sample": "demo"},
+        **FAST))
+    job = report.job
+    assert job.ok, job.describe()
+    written = sorted(p.name for p in data.iterdir())
+    copied = sorted(p.name for p in (Path(exp.data_directory) / "raw").iterdir())
+    assert len(written) == 3 and copied == written
+    outputs = {row["stage"]: row["stdOut"] for row in job.stages}
+    assert outputs["02-COUNT"].strip() == "3"
+    assert all(name in outputs["03-MD5SUM"] for name in copied)
+    assert report.dataset == f"run_uid8_{report.run_uid[:8]}"
+    assert rd(RE, gateway.workflow(1).job_status) == "done"
+    assert any("job" in r.message and "stage" in r.message for r in caplog.records)

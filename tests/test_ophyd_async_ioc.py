@@ -16,8 +16,10 @@ from conftest import Ioc
 from ophyd_async.core import init_devices, wait_for_value
 from ophyd_async.epics.core import _p4p
 from p4p.client.asyncio import Context
+from plan_helpers import FAST, check_file_based_flow, failing_workflow, file_detector, new_user, rd
 from test_ioc import add_experiment, add_workflow
 
+from apsdm_ophyd import WorkflowFailed, file_collection_plan
 from apsdm_ophyd.async_devices import (
     CommandFailed,
     DMGateway,
@@ -46,10 +48,6 @@ def dm(ioc: Ioc, run_engine: RunEngine) -> DMGateway:
     with init_devices():
         dm = DMGateway(ioc.prefix)
     return dm
-
-
-def rd(run_engine: RunEngine, signal: Any) -> Any:
-    return run_engine(bps.rd(signal)).plan_result
 
 
 def test_file_based_flow_runs_a_job_to_done(ioc: Ioc, run_engine: RunEngine, dm: DMGateway) -> None:
@@ -117,7 +115,7 @@ def test_transfer_and_metadata_commands_complete_on_the_ioc(ioc: Ioc, run_engine
     run_engine(bps.mv(dm.experiment.experiment_name, "oasync-3"))
     run_engine(bps.mv(up.path, str(src), up.dest_directory, "scan", up.mode, UploadMode.DIRECTORY))
     run_engine(bps.abs_set(up.start_upload, StartCommand.START, wait=True))
-    assert (rd(run_engine, up.transfer_status), rd(run_engine, up.n_processed)) == ("done", 20)
+    assert (rd(run_engine, up.upload_status), rd(run_engine, up.n_processed)) == ("done", 20)
     uploads = rd(run_engine, dm.uploads)
     assert list(uploads.nProcessed) == [20] and list(uploads.destDirectory) == ["scan"]
     run_engine(bps.mv(daq.data_directory, str(src)))
@@ -150,3 +148,25 @@ def test_stream_handshake_both_ways(ioc: Ioc, run_engine: RunEngine, dm: DMGatew
         ctx.close()
     assert (posted["state"], posted["counter"], posted["message"]) == ("ready", 2, "")
     assert posted["timestamp"] >= before
+
+
+def test_plans_run_the_file_based_flow_to_a_done_job(ioc: Ioc, run_engine: RunEngine, ctx: Any,
+                                                     tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """apsdm_ophyd's plans take the ophyd-async gateway: the same flow as with the ophyd one."""
+    with init_devices():
+        gateway = DMGateway(ioc.prefix, pva_context=ctx)
+    check_file_based_flow(run_engine, gateway, ioc.dm_client(), tmp_path, caplog)
+
+
+def test_plans_report_a_failed_job_with_the_ophyd_async_gateway(
+        ioc: Ioc, run_engine: RunEngine, ctx: Any, tmp_path: Path) -> None:
+    """A failed job and a refused start end as with the ophyd gateway: WorkflowFailed, its reason."""
+    with init_devices():
+        gateway = DMGateway(ioc.prefix, pva_context=ctx)
+    experiment = new_user(ioc.dm_client(), gateway, run_engine, failing_workflow())
+    with pytest.raises(WorkflowFailed, match=r"always-fails job \S+ failed at stage 02-FAIL"):
+        run_engine(file_collection_plan(gateway, [file_detector(tmp_path)], 1, "always-fails",
+                                        expected_files=0, **FAST))
+    assert rd(run_engine, gateway.workflow(1).job_status) == "failed"
+    assert experiment == rd(run_engine, gateway.experiment.experiment_name)

@@ -17,13 +17,20 @@ from typing import Any
 
 import pytest
 from bluesky import RunEngine
-from plan_helpers import FAST, add_to_dm, demo, failing_workflow, file_detector, run
+from plan_helpers import (
+    FAST,
+    add_to_dm,
+    check_file_based_flow,
+    demo,
+    failing_workflow,
+    file_detector,
+    run,
+)
 
 from apsdm_ophyd import (
     DMGateway,
     GatewayError,
     RunReport,
-    UserSetup,
     WorkflowFailed,
     file_collection_plan,
     pva,
@@ -37,39 +44,7 @@ pytestmark = pytest.mark.timeout(180)
 def test_setup_user_then_file_plan_ends_with_done_job_that_saw_the_files(
         ioc: Any, dm: Any, gateway: DMGateway, RE: RunEngine, tmp_path: Path,
         caplog: pytest.LogCaptureFixture) -> None:
-    experiment = f"exp-{uuid.uuid4().hex[:6]}"
-    exp = add_to_dm(dm, experiment, demo("files-demo"))
-    data = tmp_path / "detector"
-    data.mkdir()
-    qmap = tmp_path / "user" / "qmap.txt"  # away from the IOC's storage (DM refuses that)
-    qmap.parent.mkdir()
-    qmap.write_text("q-map for the analysis\n")
-
-    setup: UserSetup = run(RE, setup_user(gateway, experiment, data_directory=str(data),
-                                          daq_dest="raw", upload_file=str(qmap),
-                                          upload_dest="setup"))
-    assert setup.experiment == experiment and setup.daq_id and setup.upload_id
-    assert gateway.daq1.active.get() == "Yes"
-    assert (Path(exp.data_directory) / "setup" / "qmap.txt").read_text() == qmap.read_text()
-    again: UserSetup = run(RE, setup_user(gateway, experiment, data_directory=str(data),
-                                          daq_dest="raw"))
-    assert again.daq_id == setup.daq_id  # the active DAQ is reused, not started twice
-
-    caplog.set_level(logging.INFO, logger="apsdm_ophyd")
-    report: RunReport = run(RE, file_collection_plan(
-        gateway, [file_detector(data)], 3, "apsdm-files-demo", md={"sample": "demo"},
-        **FAST))
-    job = report.job
-    assert job.ok, job.describe()
-    written = sorted(p.name for p in data.iterdir())
-    copied = sorted(p.name for p in (Path(exp.data_directory) / "raw").iterdir())
-    assert len(written) == 3 and copied == written
-    outputs = {row["stage"]: row["stdOut"] for row in job.stages}
-    assert outputs["02-COUNT"].strip() == "3"
-    assert all(name in outputs["03-MD5SUM"] for name in copied)
-    assert report.dataset == f"run_uid8_{report.run_uid[:8]}"
-    assert gateway.wf1.job_status.get() == "done"
-    assert any("job" in r.message and "stage" in r.message for r in caplog.records)
+    check_file_based_flow(RE, gateway, dm, tmp_path, caplog)
 
 
 @pytest.mark.parametrize("raise_on_failure", [True, False])

@@ -21,7 +21,7 @@ from .devices import DMDaq, DMGateway, DMWorkflow
 from .errors import PreflightFailed
 from .progress import wait_until
 from .pva import TableSignal
-from .stubs.io import YES
+from .stubs.io import YES, busy, is_busy, pv_name
 
 __all__ = ["RESERVED_JOB_KEYS", "check_job_args", "detector_directories", "preflight"]
 
@@ -94,8 +94,8 @@ def preflight(gateway: DMGateway, workflows: TableSignal | None, wf: DMWorkflow 
         period = yield from bps.rd(gateway.health.poll_period, default_value=0.0)
         problems += (yield from _workflow_known(workflows, workflow, owner,
                                                 WORKFLOWS_REFRESH_POLLS * float(period) + 1.0))
-        if (yield from bps.rd(wf.start_job)):
-            problems.append(f"{wf.start_job.setpoint_pvname} is busy with an earlier job: "
+        if is_busy((yield from bps.rd(busy(wf.start_job)))):
+            problems.append(f"{pv_name(busy(wf.start_job))} is busy with an earlier job: "
                             "wait for it, or write 0 to release the slot")
     if daq is not None:
         directories = yield from detector_directories(detectors)

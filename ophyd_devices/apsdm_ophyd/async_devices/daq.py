@@ -14,8 +14,10 @@ class DMDaq(DMTransfer):
     def add_slot_signals(self, prefix: str) -> None:
         with self.add_children_as_readables(Format.CONFIG_SIGNAL):
             self.data_directory = setting(str, prefix, "DataDirectory")
+            self.daq_id = readback(str, prefix, "Id_RBV")
         with self.add_children_as_readables():
+            self.daq_status = readback(str, prefix, "Status_RBV")
             self.n_waiting = readback(int, prefix, "NWaiting_RBV")
             self.active = readback(NoYes, prefix, "Active_RBV")
-        self.start_daq = BusyCommand(StartCommand, prefix, "Start", self.message, self.transfer_status)
-        self.stop_daq = BusyCommand(StopCommand, prefix, "Stop", self.message, self.transfer_status)
+        self.start_daq = BusyCommand(StartCommand, prefix, "Start", self.message, self.daq_status)
+        self.stop_daq = BusyCommand(StopCommand, prefix, "Stop", self.message, self.daq_status)

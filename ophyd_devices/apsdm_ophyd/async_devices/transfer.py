@@ -1,4 +1,4 @@
-"""What DAQ and upload slots share: a destination in the experiment, the DM id and copy progress."""
+"""What DAQ and upload slots share: a destination in the experiment and copy progress."""
 
 from ophyd_async.core import StandardReadable
 from ophyd_async.core import StandardReadableFormat as Format
@@ -8,13 +8,14 @@ from .signals import readback, setting
 
 
 class DMTransfer(StandardReadable):
-    """The readbacks common to ``DAQn:`` and ``UPn:``; subclasses add their settings and
-    commands in :meth:`add_slot_signals`, where the message and status signals exist already."""
+    """The readbacks common to ``DAQn:`` and ``UPn:``; subclasses add their id, status, settings
+    and commands in :meth:`add_slot_signals` (named as on the ophyd devices, which the plans use),
+    where the message signal exists already."""
 
     def __init__(self, prefix: str, name: str = "") -> None:
+        self.prefix = prefix
         with self.add_children_as_readables(Format.CONFIG_SIGNAL):
             self.dest_directory = setting(str, prefix, "DestDirectory")
-            self.transfer_id = readback(str, prefix, "Id_RBV")
             # the DM options Start passes: the common ones, the rest as a JSON object
             self.include_extensions = setting(str, prefix, "IncludeExtensions")
             self.skip_pattern = setting(str, prefix, "SkipPattern")
@@ -24,7 +25,6 @@ class DMTransfer(StandardReadable):
             self.remove_source = setting(NoYes, prefix, "RemoveSource")
             self.options = setting(str, prefix, "Options")
         with self.add_children_as_readables():
-            self.transfer_status = readback(str, prefix, "Status_RBV")
             self.n_files = readback(int, prefix, "NFiles_RBV")
             self.n_errors = readback(int, prefix, "NErrors_RBV")
             self.percent = readback(float, prefix, "Percent_RBV")

@@ -4,7 +4,7 @@ from ophyd_async.core import StandardReadableFormat as Format
 
 from .command import BusyCommand
 from .enums import StartCommand, UploadMode
-from .signals import setting
+from .signals import readback, setting
 from .transfer import DMTransfer
 
 
@@ -15,5 +15,8 @@ class DMUpload(DMTransfer):
         with self.add_children_as_readables(Format.CONFIG_SIGNAL):
             self.path = setting(str, prefix, "Path")
             self.mode = setting(UploadMode, prefix, "Mode")
+            self.upload_id = readback(str, prefix, "Id_RBV")
+        with self.add_children_as_readables():
+            self.upload_status = readback(str, prefix, "Status_RBV")
         self.start_upload = BusyCommand(StartCommand, prefix, "Start", self.message,
-                                        self.transfer_status)
+                                        self.upload_status)

@@ -14,6 +14,7 @@ class DMWorkflow(StandardReadable):
     ``start_job.set(StartCommand.START)`` completes when the job ends and fails if it failed."""
 
     def __init__(self, prefix: str, name: str = "") -> None:
+        self.prefix = prefix
         with self.add_children_as_readables(Format.CONFIG_SIGNAL):
             self.workflow_name = setting(str, prefix, "Name")
             self.owner = setting(str, prefix, "Owner")

@@ -12,7 +12,7 @@ from ophyd.status import Status
 from ..devices import UPLOAD_MODES, DMDaq, DMExperiment, DMUpload
 from ..errors import GatewayError
 from ..progress import DEFAULT_POLL_PERIOD, DEFAULT_TIMING, Progress, Timing, wait_until
-from .io import YES, expect, refusal, release, run_command, write
+from .io import YES, Completion, expect, refusal, release, run_command, write
 
 __all__ = ["DaqBaseline", "daq_baseline", "select_experiment", "start_daq", "start_upload",
            "upload", "wait_daq_files", "wait_upload"]
@@ -108,7 +108,7 @@ def start_upload(slot: DMUpload, path: str, dest_directory: str = "") -> MsgGene
     """Start uploading a file (or a directory tree, in one transfer); returns the put Status."""
     mode = UPLOAD_MODES[Path(path).is_dir()]
     yield from write(slot, path=path, dest_directory=dest_directory, mode=mode)
-    started = yield from bps.abs_set(slot.start_upload, 1)  # completes when the upload ends
+    started = yield from bps.abs_set(Completion(slot.start_upload), 1)  # done when it ends
     yield from bps.checkpoint()  # a rewind after a pause must not start it twice
     return started
 

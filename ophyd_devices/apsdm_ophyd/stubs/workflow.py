@@ -18,7 +18,7 @@ from ..errors import WorkflowFailed
 from ..progress import DEFAULT_POLL_PERIOD, DEFAULT_TIMING, Progress, Timing, wait_until
 from ..pva import TableSignal
 from ..reports import JobReport, plain
-from .io import READBACK_GRACE, release, write
+from .io import READBACK_GRACE, Completion, release, write
 
 __all__ = ["JOB_END_STATES", "JobHandle", "release_workflow", "start_workflow", "wait_workflow"]
 
@@ -52,7 +52,7 @@ def start_workflow(wf: DMWorkflow, workflow: str, args: Mapping[str, Any] | None
                      args=json.dumps(plain(dict(args or {})), default=str),
                      wait_for_others=NO_YES[wait_for_others])
     handle = JobHandle(wf, workflow, None, previous)
-    handle.started = yield from bps.abs_set(wf.start_job, 1)  # completes when the job ends
+    handle.started = yield from bps.abs_set(Completion(wf.start_job), 1)  # done when the job ends
     yield from bps.checkpoint()  # a rewind after a pause must not start it twice
     log.info("%s: starting workflow %s with %s", wf.name, workflow, dict(args or {}))
 
