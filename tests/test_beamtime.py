@@ -42,7 +42,8 @@ def put(ioc: Ioc, suffix: str, value: str) -> None:
 
 
 def get(ioc: Ioc, suffix: str) -> Any:
-    return epics.caget(ioc.pv(suffix), as_string=True, use_monitor=False, timeout=10)
+    """As test_ioc's caget (count 0: a long string at its used length), with more time."""
+    return epics.caget(ioc.pv(suffix), as_string=True, use_monitor=False, timeout=10, count=0)
 
 
 def alarm(ioc: Ioc, suffix: str) -> int:

@@ -278,7 +278,7 @@ def test_cli_mirrors_dm_tools(dm_server: DmServer, tmp_path: Path) -> None:
         out = cli("add-workflow", "--demo")
         assert out.returncode == 0, out.stderr
         assert [line.split("name=")[1].split()[0] for line in out.stdout.splitlines()] == [
-            "apsdm-files-demo", "apsdm-streaming-demo"]
+            "apsdm-files-demo", "apsdm-streaming-demo", "apsdm-streaming-reference"]
     listed = cli("list-workflows").stdout
     assert listed.count("name=apsdm-files-demo ") == 1 and "name=hello " in listed
     out = cli("start-processing-job", "--workflow-name", "apsdm-files-demo", f"dataDir={tmp_path}")

@@ -95,9 +95,30 @@ def text_rule(pv: PV, text: str) -> Verdict:
             return REFUSE
         ok = isinstance(doc, dict) and (suffix == "Json" or all(map(job_arg, doc.items())))
         return store(text) if ok else REFUSE
-    if suffix == "Owner":
+    if suffix in ("Owner", "WorkflowOwner"):
         return store(text) if USERNAME.fullmatch(text) else REFUSE
-    return store(text)  # WFn:Name: any text
+    if suffix == "WorkflowArgs":
+        return store(text) if all(map(per_file_arg, text.split())) else REFUSE
+    if suffix == "Options":  # DM's own options by name and type: only the shape is judged here
+        if not text.strip():
+            return store(text)
+        try:
+            doc = json.loads(text)
+        except (ValueError, RecursionError):
+            return REFUSE
+        return (store(text) if doc == {} else EITHER) if isinstance(doc, dict) else REFUSE
+    return store(text)  # WFn:Name, IncludeExtensions, SkipPattern, Workflow: any text
+
+
+#: job fields DM fills in for each file of a DAQ/upload's per-file workflow
+PER_FILE_KEYS = frozenset({"filePath", "experimentFilePath", "experimentName", "dataDirectory"})
+
+
+def per_file_arg(item: str) -> bool:
+    """One ``key:value`` of a slot's WorkflowArgs: a variable name DM does not set itself."""
+    key, sep, _ = item.partition(":")
+    return bool(sep and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key)
+                and key not in RESERVED_JOB_KEYS | PER_FILE_KEYS)
 
 
 def job_arg(item: tuple[str, Any]) -> bool:
@@ -251,10 +272,13 @@ BASELINES: dict[str, tuple[Any, Any]] = {
     "DestDirectory": ("base/a", "base/b"), "Name": ("base-a", "base-b"),
     "Owner": ("base-a", "base-b"), "Args": ('{"base": "a"}', '{"base": "b"}'),
     "Json": ('{"base": "a"}', '{"base": "b"}'), "Mode": (0, 1), "WaitForOthers": (0, 1),
-    "Bluesky": ({"state": "idle", "message": "base-a", "counter": 1, "timestamp": 1.0},
-                {"state": "idle", "message": "base-b", "counter": 2, "timestamp": 2.0}),
+    "Stream": ({"state": "idle", "message": "base-a", "counter": 1, "timestamp": 1.0},
+               {"state": "idle", "message": "base-b", "counter": 2, "timestamp": 2.0}),
+    "IncludeExtensions": ("h5", "tif,tiff"), "SkipPattern": ("*.tmp", "scratch/*"),
+    "Workflow": ("base-a", "base-b"), "WorkflowOwner": ("base-a", "base-b"),
+    "WorkflowArgs": ("base:a", "base:b"), "RemoveSource": (0, 1),
+    "Options": ("{}", '{"skipChecksum": false}'),
 }
-BASELINES["Workflow"] = BASELINES["Bluesky"]
 #: the setting whose baseline write clears a command's Message_RBV
 CLEARED_BY = {"DAQ": "DataDirectory", "UP": "Path", "WF": "Name", "Metadata": "Json"}
 #: the only DM routes the fuzzed IOC may call: its polls, experiment look-ups, job starts
@@ -269,10 +293,13 @@ class Fuzzer:
     def __init__(self, ioc: Ioc, proto: str) -> None:
         self.ioc, self.proto = ioc, proto
         # not yet the handshake's scalar mirrors and results (Stream:*:State ...): their rules
-        # (e.g. a State of -1 over CA was taken) are still to be written
+        # (e.g. a State of -1 over CA was taken) are still to be written; nor the ESAF/proposal
+        # ids and Beamtime:Experiment, which ask the APS DB or create an experiment in DM
+        # (tests/test_beamtime.py checks their refusals)
         self.pvs = [pv for pv in build(Layout(prefix=ioc.prefix))
                     if pv.field.writable and (proto == "pva" or not pv.field.pva_only)
-                    and not (pv.group == "Stream" and pv.field.kind is not Kind.STREAM)]
+                    and not (pv.group == "Stream" and pv.field.kind is not Kind.STREAM)
+                    and pv.group not in ("Esaf", "Proposal", "Beamtime")]
         self.by_name = {pv.name: pv for pv in self.pvs}
         self.status = ioc.pv("Status:Message_RBV")
         self.ctx = ioc.pva_context()  # writes, with p4p's conversions
@@ -347,7 +374,8 @@ class Fuzzer:
             value: Any = ""
         else:
             self.flip[pv.name] += 1
-            value = BASELINES[pv.suffix][self.flip[pv.name] % 2]
+            key = "Stream" if pv.field.kind is Kind.STREAM else pv.suffix
+            value = BASELINES[key][self.flip[pv.name] % 2]
         how, why = self.put_pva(pv, value)
         assert how == "ok", f"baseline {pv.name} <- {value!r} refused: {why}"
         return value

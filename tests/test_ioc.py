@@ -32,7 +32,10 @@ def wait_until(check: Callable[[], Any], timeout: float = 60.0, what: str = "") 
 
 
 def caget(ioc: Ioc, suffix: str) -> Any:
-    return epics.caget(ioc.pv(suffix), as_string=True, timeout=5, use_monitor=False)
+    """The value as text, a long string at its whole used length: pyepics asks a fresh get for
+    as many elements as the PV's last monitor update carried (a short text earlier) unless
+    asked for count 0, which the IOC answers at the used length, as RSRV does."""
+    return epics.caget(ioc.pv(suffix), as_string=True, timeout=5, use_monitor=False, count=0)
 
 
 def caput(ioc: Ioc, suffix: str, value: Any, timeout: float = 60.0) -> Any:

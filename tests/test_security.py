@@ -32,14 +32,22 @@ from apsdm.gateway.schema import PV, Kind, Layout, build
 NEW_VALUES: dict[str, Any] = {
     "Name": "other", "DataDirectory": "/tmp", "DestDirectory": "other", "Path": "/tmp/x",
     "Mode": 1, "Owner": "other", "Args": '{"a": 1}', "WaitForOthers": 1, "Json": '{"a": 1}',
-    "Bluesky": {"state": "ready"}, "Workflow": {"state": "ready"},
+    "IncludeExtensions": "h5", "SkipPattern": "*.tmp", "Workflow": "other",
+    "WorkflowOwner": "other", "WorkflowArgs": "a:1", "RemoveSource": 1,
+    "Options": '{"skipChecksum": true}', "Id": "1", "Experiment": "other",
 }
+STREAM_PARTS: dict[str, Any] = {"State": 1, "Message": "other", "Counter": 5, "Lost": 2,
+                                "Results": '{"a": 1}'}
 #: DM routes the IOC calls by itself (polls); anything else would be a command getting through
 POLL_ROUTES = {"listDaqs", "listUploads", "listProcessingJobs", "getExperimentsByStation",
                "listWorkflows", "getExperimentByName"}
 
 
 def new_value(pv: PV) -> Any:
+    if pv.field.kind is Kind.STREAM:
+        return {"state": "ready"}
+    if pv.group == "Stream":  # the handshake's scalar mirrors, the workflow's lost and results
+        return STREAM_PARTS[pv.suffix.rsplit(":", 1)[1]]
     return 1 if pv.field.kind is Kind.BUSY else NEW_VALUES[pv.suffix]
 
 
