@@ -12,6 +12,8 @@ from bluesky import RunEngine
 from bluesky import plan_stubs as bps
 from bluesky.simulators import summarize_plan
 from bluesky.utils import ProgressBarManager
+from ophyd import Signal
+from ophyd.signal import ReadTimeoutError
 from ophyd.sim import SynSignalWithRegistry
 
 from apsdm.gateway.commands import job_args
@@ -21,6 +23,7 @@ from apsdm_ophyd import (
     JobReport,
     Progress,
     RunReport,
+    WaitExpired,
     check_job_args,
     file_collection_plan,
     streaming_collection_plan,
@@ -99,6 +102,41 @@ def test_waits_show_and_close_progress_bars(recwarn: pytest.WarningsRecorder) ->
 def _never() -> Any:
     yield from bps.null()
     return False
+
+
+class _Unanswered(Signal):
+    """A readback whose first ``misses`` reads time out as ophyd's do on a loaded IOC."""
+
+    def __init__(self, misses: int, **kwargs: Any) -> None:
+        super().__init__(value="done", **kwargs)
+        self.misses = misses
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        if self.misses > 0:
+            self.misses -= 1
+            raise ReadTimeoutError(f"{self.name}: no answer")
+        return super().read()
+
+
+@pytest.mark.parametrize("misses", [2, 1000])
+def test_a_read_that_times_out_is_not_the_waits_timeout(
+        misses: int, caplog: pytest.LogCaptureFixture) -> None:
+    """A readback that does not answer for a while does not end a wait (the workflow wait
+    took it for the job's own timeout and released the slot); the wait's timeout still holds."""
+    signal = _Unanswered(misses, name="status")
+
+    def ended() -> Any:
+        return (yield from bps.rd(signal)) == "done"
+
+    RE = RunEngine({})
+    if misses < 10:
+        RE(wait_until(ended, timeout=5, poll_period=0.01, what="job"))
+        assert signal.misses == 0
+    else:
+        with pytest.raises(WaitExpired, match=r"job: not done after 0\.1 s"):
+            RE(wait_until(ended, timeout=0.1, poll_period=0.01, what="job"))
+    warned = [r for r in caplog.records if "did not answer" in r.message]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"  # once per wait
 
 
 def test_reading_the_experiment_says_which_it_is() -> None:

@@ -1,6 +1,7 @@
 """The exceptions the plans raise: each carries the gateway's reason in words."""
 
-__all__ = ["GatewayError", "MetadataNotShared", "PreflightFailed", "WorkflowFailed"]
+__all__ = ["GatewayError", "MetadataNotShared", "PreflightFailed", "WaitExpired",
+           "WorkflowFailed"]
 
 
 class GatewayError(RuntimeError):
@@ -17,3 +18,8 @@ class PreflightFailed(GatewayError):
 
 class MetadataNotShared(GatewayError):
     """The run's metadata did not reach DM's catalog (too large for ``Metadata:Json``, or refused)."""
+
+
+class WaitExpired(TimeoutError):
+    """A plan's own wait ran out of time (:func:`apsdm_ophyd.progress.wait_until`): told apart
+    from a read that timed out inside it (ophyd's ReadTimeoutError is a TimeoutError too)."""

@@ -21,7 +21,7 @@ from bluesky import preprocessors as bpp
 from bluesky.utils import MsgGenerator
 
 from .devices import DMGateway
-from .errors import WorkflowFailed
+from .errors import WaitExpired, WorkflowFailed
 from .progress import DEFAULT_POLL_PERIOD, Progress, Timing, wait_until
 from .pva import StreamSignal, StreamState, TableSignal, UniqueIdSignal
 from .reports import RunReport, UserSetup
@@ -239,7 +239,7 @@ def _wait_ready(ours: StreamSignal, theirs: StreamSignal, before: StreamState,
                               poll_period=timing.poll_period,
                               what=f"workflow {handle.workflow} ready",
                               progress=Progress(f"{theirs.name} ready"))
-    except TimeoutError:
+    except WaitExpired:
         yield from bps.abs_set(ours, StreamState("error", "the workflow did not become ready"),
                                wait=True)
         raise WorkflowFailed(f"workflow {handle.workflow} did not become ready within "

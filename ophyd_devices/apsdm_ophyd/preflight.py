@@ -18,7 +18,7 @@ from ophyd import Device
 from p4p.client.thread import RemoteError
 
 from .devices import DMDaq, DMGateway, DMWorkflow
-from .errors import PreflightFailed
+from .errors import PreflightFailed, WaitExpired
 from .progress import wait_until
 from .pva import TableSignal
 from .stubs.io import YES, busy, is_busy, pv_name
@@ -36,6 +36,8 @@ RESERVED_JOB_KEYS = frozenset({
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 #: The IOC lists DM's workflows every this many polls (``Status:PollPeriod_RBV``).
 WORKFLOWS_REFRESH_POLLS = 10
+#: Seconds a pre-flight check waits for a gateway that has not reached DM yet (just started).
+FIRST_POLL_WAIT = 30.0
 
 
 def check_job_args(args: Any) -> list[str]:
@@ -92,7 +94,7 @@ def preflight(gateway: DMGateway, workflows: TableSignal | None, wf: DMWorkflow 
         dm.update(workflow=workflow, owner=owner, workflow_slot=wf.prefix)
         problems += check_job_args(args or {})
         period = yield from bps.rd(gateway.health.poll_period, default_value=0.0)
-        problems += (yield from _workflow_known(workflows, workflow, owner,
+        problems += (yield from _workflow_known(gateway, workflows, workflow, owner,
                                                 WORKFLOWS_REFRESH_POLLS * float(period) + 1.0))
         if is_busy((yield from bps.rd(busy(wf.start_job)))):
             problems.append(f"{pv_name(busy(wf.start_job))} is busy with an earlier job: "
@@ -108,14 +110,27 @@ def preflight(gateway: DMGateway, workflows: TableSignal | None, wf: DMWorkflow 
     return dm
 
 
-def _workflow_known(workflows: TableSignal | None, workflow: str, owner: str,
+def _workflow_known(gateway: Any, workflows: TableSignal | None, workflow: str, owner: str,
                     refresh: float) -> MsgGenerator[list[str]]:
     """Problems with the workflow name, from the ``Workflows`` table where PVA answers;
-    a name not (yet) listed is looked for again until the IOC has refreshed the table."""
+    a name not (yet) listed is looked for again until the IOC has refreshed the table. An IOC
+    just started lists the table on its first poll of DM: that is waited for first."""
     if not workflow:
         return ["no workflow name given"]
     if workflows is None:
         return []
+    connected = gateway.health.connected
+
+    def polled() -> MsgGenerator[bool]:
+        return (yield from bps.rd(connected, default_value="Connected")) == "Connected"
+
+    try:
+        yield from wait_until(polled, timeout=FIRST_POLL_WAIT, poll_period=0.5,
+                              what="the gateway's first poll of DM")
+    except WaitExpired:
+        why = yield from bps.rd(gateway.health.message, default_value="")
+        return [f"the gateway has not reached DM (Status:Connected_RBV after {FIRST_POLL_WAIT:g} s): "
+                f"{why or 'no reason given'}"]
     names: set[str] = set()
     unreadable: list[Exception] = []
 
@@ -132,7 +147,7 @@ def _workflow_known(workflows: TableSignal | None, workflow: str, owner: str,
     try:
         yield from wait_until(listed, timeout=refresh, poll_period=min(refresh, 0.5),
                               what=f"workflow {workflow} listed")
-    except TimeoutError:
+    except WaitExpired:
         of = f" of owner {owner}" if owner else ""
         return [f"DM has no workflow {workflow!r}{of} (known: {', '.join(sorted(names)) or 'none'})"]
     if unreadable:

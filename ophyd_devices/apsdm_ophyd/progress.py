@@ -6,6 +6,7 @@ Every wait of the plans is :func:`wait_until`: a loop of one short ``bps.wait`` 
 effect; an immediate pause resumes there) and the caller's readback check.
 """
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,9 +16,11 @@ from bluesky import plan_stubs as bps
 from bluesky.utils import MsgGenerator, short_uid
 from ophyd.status import Status
 
-from .errors import GatewayError
+from .errors import GatewayError, WaitExpired
 
 __all__ = ["DEFAULT_POLL_PERIOD", "DEFAULT_TIMING", "Progress", "Timing", "wait_until"]
+
+log = logging.getLogger("apsdm_ophyd")
 
 #: Seconds between two readback checks of a wait (a pause takes effect within one).
 DEFAULT_POLL_PERIOD = 0.5
@@ -83,14 +86,26 @@ def wait_until(check: Callable[[], MsgGenerator[bool]], *, timeout: float,
     """Re-run ``check`` (a plan returning True when done) every ``poll_period`` s.
 
     ``timeout`` counts seconds of waiting, so time spent paused does not use it up;
-    raises TimeoutError naming ``what``. ``progress`` (finished here) is shown while waiting.
+    raises :class:`WaitExpired` naming ``what``. A read in ``check`` that times out (a loaded
+    IOC, a dropped connection) counts as not done yet: it is logged, and only the wait's own
+    ``timeout`` ends the wait. ``progress`` (finished here) is shown while waiting.
     """
     group = short_uid("dm-wait")
     waited = 0.0
+    missed = False  # a read has timed out in this wait (warned once)
     try:
-        while not (yield from check()):
+        while True:
+            try:
+                if (yield from check()):
+                    break
+            except WaitExpired:  # a wait inside check: its own end
+                raise
+            except TimeoutError as exc:  # ophyd's ReadTimeoutError, p4p's TimeoutError
+                log.log(logging.DEBUG if missed else logging.WARNING,
+                        "%s: a readback did not answer (%s); still waiting", what, exc)
+                missed = True
             if waited >= timeout:
-                raise TimeoutError(f"{what}: not done after {timeout:g} s")
+                raise WaitExpired(f"{what}: not done after {timeout:g} s")
             if progress is None:
                 yield from bps.sleep(poll_period)
             else:  # re-added each time: an immediate pause empties the RunEngine's group

@@ -15,7 +15,7 @@ from ophyd import Device, EpicsSignal
 from ophyd.status import Status
 
 from ..devices import NO_YES
-from ..errors import GatewayError
+from ..errors import GatewayError, WaitExpired
 from ..progress import DEFAULT_POLL_PERIOD, wait_until
 
 __all__ = ["READBACK_GRACE", "YES", "Completion", "busy", "expect", "is_busy", "pv_name", "refusal",
@@ -100,7 +100,7 @@ def expect(device: Device, condition: Callable[[], MsgGenerator[bool]], failure:
     """After a command, wait briefly for ``condition``; else raise GatewayError with the reason."""
     try:
         yield from wait_until(condition, timeout=timeout, poll_period=0.1, what=failure)
-    except TimeoutError:
+    except WaitExpired:
         why = (yield from refusal(device)) or (yield from bps.rd(device.message, default_value=""))
         raise GatewayError(f"{failure}: {why or 'no reason given'}") from None
 

@@ -10,7 +10,7 @@ from bluesky.utils import MsgGenerator
 from ophyd.status import Status
 
 from ..devices import UPLOAD_MODES, DMDaq, DMExperiment, DMUpload
-from ..errors import GatewayError
+from ..errors import GatewayError, WaitExpired
 from ..progress import DEFAULT_POLL_PERIOD, DEFAULT_TIMING, Progress, Timing, wait_until
 from .io import YES, Completion, expect, refusal, release, run_command, write
 
@@ -70,7 +70,8 @@ def wait_daq_files(daq: DMDaq, baseline: DaqBaseline, expected: int | None = Non
 
     ``expected``: that many new files; None: every file the DAQ has seen since, at least
     one (right for a detector writing one file per run). Raises GatewayError if the DAQ
-    counts copy errors or stops, TimeoutError (with ``hint``) after ``timeout`` s of waiting.
+    counts copy errors or stops, WaitExpired (a TimeoutError, with ``hint``) after
+    ``timeout`` s of waiting.
     """
     progress = Progress(f"{daq.name} files", expected or 0, "files")
     copied = 0
@@ -96,10 +97,10 @@ def wait_daq_files(daq: DMDaq, baseline: DaqBaseline, expected: int | None = Non
     try:
         yield from wait_until(all_copied, timeout=timeout, poll_period=poll_period,
                               what=f"{daq.name}: DAQ copies", progress=progress)
-    except TimeoutError:
+    except WaitExpired:
         directory = yield from bps.rd(daq.data_directory, default_value="")
         of = f" of {expected}" if expected is not None else ""
-        raise TimeoutError(f"{daq.name}: {copied}{of} new files copied after {timeout:g} s; "
+        raise WaitExpired(f"{daq.name}: {copied}{of} new files copied after {timeout:g} s; "
                            f"the DAQ watches {directory}{hint}") from None
     return copied
 

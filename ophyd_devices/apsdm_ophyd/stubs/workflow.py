@@ -14,7 +14,7 @@ from ophyd.status import Status
 from p4p.client.thread import RemoteError
 
 from ..devices import NO_YES, DMWorkflow
-from ..errors import WorkflowFailed
+from ..errors import WaitExpired, WorkflowFailed
 from ..progress import DEFAULT_POLL_PERIOD, DEFAULT_TIMING, Progress, Timing, wait_until
 from ..pva import TableSignal
 from ..reports import JobReport, plain
@@ -110,7 +110,7 @@ def wait_workflow(handle: JobHandle, stages: TableSignal | None = None, *,
     try:
         yield from wait_until(ended, timeout=timing.job_timeout, poll_period=timing.poll_period,
                               what=f"{wf.name}: job {handle.job_id[:8]}", progress=progress)
-    except TimeoutError:
+    except WaitExpired:
         yield from release(wf.start_job, handle.started, f"followed for {timing.job_timeout:g} s")
         status = "timeout"
     else:
@@ -136,7 +136,7 @@ def _settle(wf: DMWorkflow) -> MsgGenerator[None]:
     try:
         yield from wait_until(final, timeout=READBACK_GRACE, poll_period=0.1,
                               what=f"{wf.name}: final job status")
-    except TimeoutError:
+    except WaitExpired:
         log.warning("%s: the job's final status has not been read back", wf.name)
 
 

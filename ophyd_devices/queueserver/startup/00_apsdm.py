@@ -2,9 +2,13 @@
 default ``DM:``), the simulated detector ``det`` and apsdm_ophyd's plans, annotated for the queue.
 
 The RE Manager runs this file in its worker; ``dm`` reaches the IOC through the ``EPICS_*``
-environment of the RE Manager (its PVA PVs through the process-wide p4p context).
+environment of the RE Manager (its PVA PVs through the process-wide p4p context). Opening the
+environment waits up to ``$APSDM_CONNECT_TIMEOUT`` s (default 10) for ``dm`` to connect, so the
+first plan does not meet channels still connecting; an IOC that is down is logged, not fatal
+(the plans then say which PV did not answer).
 """
 
+import logging
 import os
 
 from bluesky import RunEngine
@@ -15,6 +19,10 @@ import apsdm_ophyd
 
 RE = RunEngine({})
 dm = apsdm_ophyd.DMGateway(os.environ.get("APSDM_PREFIX", "DM:"), name="dm")
+try:
+    dm.wait_for_connection(timeout=float(os.environ.get("APSDM_CONNECT_TIMEOUT", "10")))
+except TimeoutError as exc:
+    logging.getLogger("apsdm_ophyd").warning("%s not connected at startup: %s", dm.prefix, exc)
 
 #: ``gateway`` takes the name of a DMGateway of this profile, ``detectors`` readable devices
 GATEWAY = {"annotation": "Gateways", "devices": {"Gateways": ["dm"]}}
