@@ -86,27 +86,22 @@ def text_rule(pv: PV, text: str) -> Verdict:
     if suffix == "DestDirectory":
         ok = not text.startswith("/") and ".." not in text.split("/")
         return store(posixpath.normpath(text)) if ok else REFUSE
-    if suffix in ("Args", "Json"):
+    if suffix in ("Args", "Json", "Options"):
         if not text.strip():
             return store(text)
         try:
             doc = json.loads(text)
         except (ValueError, RecursionError):
             return REFUSE
-        ok = isinstance(doc, dict) and (suffix == "Json" or all(map(job_arg, doc.items())))
-        return store(text) if ok else REFUSE
+        if not isinstance(doc, dict):
+            return REFUSE
+        if suffix == "Options":  # DM's own options by name and type: only the shape is judged
+            return store(text) if doc == {} else EITHER
+        return store(text) if suffix == "Json" or all(map(job_arg, doc.items())) else REFUSE
     if suffix in ("Owner", "WorkflowOwner"):
         return store(text) if USERNAME.fullmatch(text) else REFUSE
     if suffix == "WorkflowArgs":
         return store(text) if all(map(per_file_arg, text.split())) else REFUSE
-    if suffix == "Options":  # DM's own options by name and type: only the shape is judged here
-        if not text.strip():
-            return store(text)
-        try:
-            doc = json.loads(text)
-        except (ValueError, RecursionError):
-            return REFUSE
-        return (store(text) if doc == {} else EITHER) if isinstance(doc, dict) else REFUSE
     return store(text)  # WFn:Name, IncludeExtensions, SkipPattern, Workflow: any text
 
 
