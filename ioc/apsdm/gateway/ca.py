@@ -23,6 +23,7 @@ from caproto import (
     AlarmSeverity,
     AlarmStatus,
     CaprotoConversionError,
+    CaprotoNetworkError,
     CAStatus,
     ChannelChar,
     ChannelData,
@@ -35,13 +36,15 @@ from caproto import (
     ErrorResponse,
     EventAddResponse,
     ReadNotifyRequest,
+    ReadNotifyResponse,
     ReadRequest,
     native_float_types,
     native_type,
     native_types,
 )
 from caproto._dbr import DbrStringArray, _LongStringChannelType
-from caproto.asyncio.server import Context, VirtualCircuit
+from caproto.asyncio.server import AsyncioEvent, Context, VirtualCircuit
+from caproto.server.common import DisconnectedCircuit
 
 from .db_template import PREC, RECORD_TYPES
 from .hub import Alarm, Hub, PutRejected, Writer, current_writer, fit
@@ -89,6 +92,28 @@ class _RsrvReads(ChannelData):
     DBF_STRING's 40 characters as ``.VAL$``. caproto 1.3 bugs, to report upstream."""
 
     upper_ctrl_limit_raw: int | None = None  # a bo's: 65535 (DBF_ENUM's range), wrapped per type
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # the encoded answers to reads of the current value: (channel name, DBR type,
+        # count) -> (header up to the ioid, header after it, payload); a get of an
+        # unchanged PV is then one dict lookup (see _ReleasingCircuit.answer_from_cache)
+        self.answers: dict[tuple[str, int, int], tuple[bytes, bytes, bytes]] = {}
+        self.version = 0  # counts changes; an answer read before a change is not kept
+
+    def _changed(self) -> None:
+        self.version += 1
+        self.answers.clear()
+
+    async def write_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        """Every change of value, alarm, timestamp or limits passes here (caproto's write
+        calls it after storing the value) or through :meth:`publish`."""
+        self._changed()
+        return await super().write_metadata(*args, **kwargs)
+
+    async def publish(self, flags: Any) -> Any:
+        self._changed()
+        return await super().publish(flags)
 
     async def read(self, data_type: ChannelType) -> Any:
         """A get. caproto raises when the value has no such view (text as DBR_DOUBLE), and its
@@ -266,7 +291,12 @@ class _GatewayChannel:
         if self.pv.field.kind is Kind.LONGSTRING:  # the NUL counts (lsi's LEN)
             live["LEN"] = live["NORD"] = len(str(value).encode("utf-8")) + 1
         for name, shown in live.items():
-            await self.fields[name].write(shown, verify_value=False, timestamp=timestamp)
+            field = self.fields[name]
+            if field.value == shown:  # RSRV posts a field's monitors only when it changes;
+                # a read of it still carries the record's time
+                await field.write_metadata(timestamp=timestamp, publish=False)
+            else:
+                await field.write(shown, verify_value=False, timestamp=timestamp)
 
 
 def zeroed(data_type: ChannelType, count: int) -> tuple[Any, list[int]]:
@@ -349,6 +379,9 @@ def _channel(pv: PV, hub: Hub) -> Any:
 # caproto's tracker as of 2026-12-03; each is to be reported.
 CAPROTO_CONTRACT = {
     "caproto.server.common.VirtualCircuit._process_command": "89a0a95c53667d18",
+    "caproto.server.common.VirtualCircuit.command_queue_loop": "8c2d5e3a641ad40b",
+    "caproto.asyncio.server.VirtualCircuit.__init__": "010585fef692c1ea",
+    "caproto.asyncio.server.AsyncioEvent.wait": "07db0b738ee91bfb",
     "caproto.server.common.VirtualCircuit._cull_subscriptions": "e064982f67823273",
     "caproto.server.common.VirtualCircuit._on_disconnect": "2ad02294d15535e9",
     "caproto.server.common.VirtualCircuit.send": "54f6a3a555bfed63",
@@ -362,6 +395,8 @@ CAPROTO_CONTRACT = {
     "caproto._data.ChannelData._read": "854b3d71abead0c5",
     "caproto._data.ChannelData.read": "be757bb7d2bfd4b1",
     "caproto._data.ChannelData.write": "e2df3ddb190a8e8f",
+    "caproto._data.ChannelData.write_metadata": "df7d9efa3725cc35",
+    "caproto._data.ChannelData.publish": "9137bfaec8830c62",
     "caproto._data.ChannelData.write_from_dbr": "0c24f87816c10b15",
     "caproto._data.ChannelData.auth_write": "aa62a7a715e965a2",
 }
@@ -377,14 +412,28 @@ class _ReleasingCircuit(VirtualCircuit):
     memory grows with uptime. Here only updates not yet sent count against the backlog.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.write_event = _WriteDone()
+
     async def _process_command(self, command: Any) -> Any:
         """caproto answers any exception of a read with ECA_INTERNAL, on which libca calls
         abort(): answer a read the value has no conversion for with ECA_GETFAIL and zeroed
-        data, as RSRV's read_notify_reply does (a get the client survives)."""
+        data, as RSRV's read_notify_reply does (a get the client survives). A get of a
+        value read before is answered with the bytes sent then (see _RsrvReads)."""
         reading = isinstance(command, ReadNotifyRequest | ReadRequest)
-        token = requested_count.set(command.data_count if reading else 0)
-        try:
+        if not reading:
             return await super()._process_command(command)
+        if (answer := self.answer_from_cache(command)) is not None:
+            return answer
+        token = requested_count.set(command.data_count)
+        try:
+            chan, entry = self._get_db_entry_from_command(command)
+            version = getattr(entry, "version", None)
+            responses = await super()._process_command(command)
+            if version is not None and version == entry.version:
+                self._keep_answer(chan, entry, command, responses)
+            return responses
         except NoConversion as exc:
             chan, _db_entry = self._get_db_entry_from_command(command)
             if not isinstance(command, ReadNotifyRequest):  # the old ca_array_get
@@ -396,6 +445,51 @@ class _ReleasingCircuit(VirtualCircuit):
                               ioid=command.ioid, metadata=metadata, notify=True)]
         finally:
             requested_count.reset(token)
+
+    def _cache_key(self, chan: Any, command: Any) -> tuple[str, int, int] | None:
+        """What a cached answer to ``command`` is filed under; None: not cacheable (a
+        timestamp filter stamps each read anew, an old client's counts differ)."""
+        if (type(command) is not ReadNotifyRequest or chan.channel_filter.ts
+                or self.circuit.protocol_version < 13):
+            return None
+        return chan.name, command.header.data_type, command.header.data_count
+
+    def answer_from_cache(self, command: Any) -> list[bytes] | None:
+        """The bytes answering a get of an unchanged value, with this request's ioid; None
+        when there are none, or a client write is under way (caproto then lets the write
+        finish first)."""
+        if not self.write_event.is_set():
+            return None
+        chan = self.circuit.channels_sid.get(command.sid)
+        if chan is None:
+            return None
+        entry = self.context.pvdb.get(chan.name)
+        if entry is None:  # a record field (PV.DESC): caproto's lookup of the record
+            try:
+                entry = self.context[chan.name]
+            except KeyError:
+                return None
+        answers = getattr(entry, "answers", None)
+        key = self._cache_key(chan, command) if answers else None
+        hit = answers.get(key) if key is not None else None  # type: ignore[union-attr]
+        if hit is None:
+            return None
+        before, after, payload = hit
+        return [before + command.header.parameter2.to_bytes(4, "big") + after + payload]
+
+    def _keep_answer(self, chan: Any, entry: Any, command: Any, responses: Any) -> None:
+        """File caproto's answer to a get, as bytes without its ioid, on the channel."""
+        answers = getattr(entry, "answers", None)
+        key = self._cache_key(chan, command)
+        if answers is None or key is None or not responses or len(responses) != 1:
+            return
+        response = responses[0]
+        if not isinstance(response, ReadNotifyResponse) or response.header.parameter1 != 1:
+            return
+        header = bytes(response.header)  # the ioid (parameter2) is bytes 12..16
+        if len(answers) >= 64:  # a client asking for every count: keep it bounded
+            answers.clear()
+        answers[key] = (header[:12], header[16:], b"".join(bytes(b) for b in response.buffers))
 
     async def get_from_sub_queue(self, timeout: float | None = None) -> Any:
         """caproto's wait for the next update. When a client leaves abruptly, the cancel of
@@ -411,6 +505,13 @@ class _ReleasingCircuit(VirtualCircuit):
         raise asyncio.CancelledError  # caproto's loop ends on it
 
     async def send(self, *commands: Any) -> None:
+        if commands and type(commands[0]) is bytes:  # cached answers, already encoded
+            if self.connected:
+                try:
+                    await self._send_buffers(*commands)
+                except (OSError, CaprotoNetworkError) as exc:
+                    raise DisconnectedCircuit(f"Circuit disconnected: {exc}") from exc
+            return
         await super().send(*commands)
         for command in commands:
             if isinstance(command, EventAddResponse):
@@ -435,6 +536,17 @@ class _ReleasingCircuit(VirtualCircuit):
         self.unexpired_updates.clear()
         while not self.subscription_queue.empty():
             self.subscription_queue.get_nowait()
+
+
+class _WriteDone(AsyncioEvent):
+    """The circuit's "no client write under way" event. caproto waits on it before every
+    read (with a 1 ms timeout), which costs a task and a timer per get even when it is
+    set, as it nearly always is: return at once then."""
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        if self.is_set():
+            return True
+        return await super().wait(timeout)
 
 
 class _NoDelayContext(Context):
