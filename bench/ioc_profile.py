@@ -110,13 +110,20 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--cprofile", action="store_true", help="also profile the IOC's Python calls")
     ap.add_argument("--save", type=Path, help="with --cprofile: write PHASE.prof files here")
+    ap.add_argument("--asyncio-loop", action="store_true",
+                    help="run the IOC on asyncio's own event loop instead of the IOC's")
     ap.add_argument("--client", help=argparse.SUPPRESS)
     ap.add_argument("phases", nargs="*", default=list(PHASES))
     args = ap.parse_args()
     if args.client:
         client(args.client, N)
         return
-    results = asyncio.run(_serve_and_measure(args.phases, args.cprofile, args.save))
+    if args.asyncio_loop:
+        loop_factory = asyncio.new_event_loop
+    else:
+        from apsdm.gateway.main import event_loop as loop_factory
+    with asyncio.Runner(loop_factory=loop_factory) as runner:  # the IOC's loop
+        results = runner.run(_serve_and_measure(args.phases, args.cprofile, args.save))
     for phase, row in results.items():
         top = row.pop("top", "")
         print(phase, json.dumps(row))
