@@ -163,11 +163,11 @@ class _RsrvReads(ChannelData):
         if (count := requested_count.get()) > 1 and len(values) < count:  # RSRV pads
             values = _padded(values, count)
         if self.data_type == ChannelType.CHAR:  # a long string: its NUL is sent too (lsi)
-            values = _with_nul(values)
             if isinstance(values, numpy.ndarray) and values.dtype.itemsize == 1:
                 # as bytes caproto sends it as it is; an array it converts once more for
                 # every client and every monitor
                 values = values.tobytes()
+            values = _with_nul(values)
         elif data_type in _LongStringChannelType:  # DBF_STRING as .VAL$: all 40 characters
             # (an array: caproto counts bytes of a DBF_STRING channel as one element)
             values = numpy.frombuffer(bytes(values)[:STRING].ljust(STRING, b"\0"), numpy.uint8)
