@@ -407,6 +407,9 @@ CAPROTO_CONTRACT = {
     "caproto.server.common.VirtualCircuit._process_command": "89a0a95c53667d18",
     "caproto.server.common.VirtualCircuit.command_queue_loop": "8c2d5e3a641ad40b",
     "caproto.server.common.VirtualCircuit._command_queue_iteration": "ceea4a0747ecd659",
+    "caproto.server.common.VirtualCircuit.recv": "a4867616ecf8bf5b",
+    "caproto.server.common.Context.tcp_handler": "a54b07f6b88eefd2",
+    "caproto.asyncio.server.VirtualCircuit._wake_new_command": "074964feb7c92378",
     "caproto._circuit.VirtualCircuit._process_command": "55489c8659cef168",
     "caproto._circuit.VirtualCircuit.send": "1f8c4a6fd5f4cf4f",
     "caproto._commands.EventAddResponse.__init__": "2877c7621a867e09",
@@ -445,13 +448,36 @@ class _ReleasingCircuit(VirtualCircuit):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.write_event = _WriteDone()
+        self._busy = False  # the command loop is between taking a command and its answer
+
+    async def recv(self) -> None:
+        """caproto's receive, which queues each command for the command loop; then the
+        gets of unchanged values at the front of the queue are answered at once while that
+        loop is idle (so in order): a get no longer waits a turn of the event loop."""
+        await super().recv()
+        queue = self.command_queue
+        while not self._busy and not queue.empty():
+            command = queue._queue[0]  # type: ignore[attr-defined]  # asyncio.Queue's deque
+            if type(command) is not ReadNotifyRequest:
+                break
+            answer = self.answer_from_cache(command)
+            if answer is None:
+                break
+            queue.get_nowait()
+            await self.send(*answer)
 
     async def _command_queue_iteration(self, command: Any) -> Any:
         """A get of an unchanged value is answered before caproto's channel state machine
         (which a get leaves as it was) sees it."""
+        self._busy = True
         if type(command) is ReadNotifyRequest and (answer := self.answer_from_cache(command)):
             return answer
         return await super()._command_queue_iteration(command)
+
+    async def _wake_new_command(self) -> None:
+        """caproto's command loop calls this once a command is answered."""
+        self._busy = False
+        await super()._wake_new_command()
 
     async def _process_command(self, command: Any) -> Any:
         """caproto answers any exception of a read with ECA_INTERNAL, on which libca calls
