@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 N = int(os.environ.get("BENCH_N", 1000))
+REPEAT = int(os.environ.get("BENCH_REPEAT", 3))  # gateway/softioc measured in turn, this often
 PREFIX = "BENCH:"
 
 
@@ -147,10 +148,16 @@ def main() -> None:
                   "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1"})
     names = {"get": PREFIX + "DAQ1:NFiles_RBV", "put": PREFIX + "Metadata:Json"}
     try:
-        ours, theirs = _run_measure(gw_env, names), _run_measure(ref_env, names)
-        print(f"{'metric (N=' + str(N) + ')':34} {'gateway':>10} {'softioc':>10} {'ratio':>7}")
-        for key in ours:
-            print(f"{key:34} {ours[key]:10.3f} {theirs[key]:10.3f} {ours[key] / theirs[key]:7.2f}")
+        # in turn, so that a burst of load on a shared machine hits both alike; each
+        # figure is the median of the runs, the ratio's spread (min-max) beside it
+        runs = [(_run_measure(gw_env, names), _run_measure(ref_env, names)) for _ in range(REPEAT)]
+        print(f"{'metric (N=' + str(N) + ', ' + str(REPEAT) + ' runs)':34} {'gateway':>10} "
+              f"{'softioc':>10} {'ratio':>7}  spread")
+        for key in runs[0][0]:
+            ratios = [ours[key] / theirs[key] for ours, theirs in runs]
+            print(f"{key:34} {statistics.median(o[key] for o, _ in runs):10.3f} "
+                  f"{statistics.median(t[key] for _, t in runs):10.3f} "
+                  f"{statistics.median(ratios):7.2f}  {min(ratios):.2f}-{max(ratios):.2f}")
         per_poll = dm_requests_per_poll(gw_env, root / "dm" / "dm.setup.sh", period)
         print("DM requests per poll period: " + ", ".join(
             f"{n} active jobs: {v:.1f}" for n, v in per_poll.items()))

@@ -549,6 +549,9 @@ def test_settings_the_ioc_accepts_are_accepted_by_dm(fuzz_ioc: Ioc, tmp_path: Pa
             await dm.add_experiment("fz")
             await dm.add_workflow({"name": "fzwf", "stages": {"01": {"command": "true"}}})
     asyncio.run(setup())
+    # aiohttp logs a request after its answer is sent: wait for the line, so that the
+    # fuzzer's look at DM's record starts after this setup and judges only what it caused
+    wait_until(lambda: "/dm/workflows/addWorkflow" in ioc.log(), 10, "setup's access log")
     fuzzer = Fuzzer(ioc, "pva")
     counts: Counter[str] = Counter()
     try:

@@ -33,7 +33,11 @@ PREFIX = "T:"
 SERVED = {pv.name: pv for pv in build(Layout(prefix=PREFIX))}
 START = "apsdm_overview"
 MACRO = re.compile(r"\$\((\w+)\)")
-CONNECT_TIMEOUT = 20.0  # seconds for the IOC to answer a render or a selection
+CONNECT_TIMEOUT = 20.0  # seconds for the IOC to answer a selection
+# libca spaces the searches of a channel not yet found ever further apart (doubling, from
+# tens of ms): a few unanswered while both test workers load the machine put the next
+# one 10-20 s out (seen once in CI: 1 of 60 widgets unconnected after 20 s)
+RENDER_CONNECT_TIMEOUT = 60.0
 
 # Phoebus widget types: version and property names. Derived from phoebusgen 3.3.0 as installed
 # (config/4.7.3_widgets.def for versions; for property names, the XML tags that each widget
@@ -365,7 +369,7 @@ def _render(ui_dir: Path, png_dir: Path, prefix: str) -> None:
         screen = pydm_display.load_file(str(ui), macros={"P": prefix, "N": "1"}, target=None)
         screen.show()
         widgets = [w for w in screen.findChildren(PyDMWidget) if getattr(w, "channel", None)]
-        deadline = time.monotonic() + CONNECT_TIMEOUT
+        deadline = time.monotonic() + RENDER_CONNECT_TIMEOUT
         while time.monotonic() < deadline and not all(w._connected for w in widgets):
             app.processEvents()
             time.sleep(0.05)

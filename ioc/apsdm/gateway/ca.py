@@ -7,6 +7,7 @@ Each CA channel is a caproto ChannelData whose client writes go through
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import ctypes
 import functools
@@ -14,15 +15,18 @@ import logging
 import math
 import re
 import socket
+import weakref
 from typing import Any
 
 import numpy
 from caproto import (
+    CONNECTED,
     DBR_TYPES,
     AccessRights,
     AlarmSeverity,
     AlarmStatus,
     CaprotoConversionError,
+    CaprotoNetworkError,
     CAStatus,
     ChannelChar,
     ChannelData,
@@ -35,13 +39,18 @@ from caproto import (
     ErrorResponse,
     EventAddResponse,
     ReadNotifyRequest,
+    ReadNotifyResponse,
     ReadRequest,
     native_float_types,
     native_type,
     native_types,
 )
+from caproto._commands import Message, data_payload
 from caproto._dbr import DbrStringArray, _LongStringChannelType
-from caproto.asyncio.server import Context, VirtualCircuit
+from caproto._headers import EventAddResponseHeader
+from caproto._status import ensure_eca_value
+from caproto.asyncio.server import AsyncioEvent, Context, VirtualCircuit
+from caproto.server.common import DisconnectedCircuit
 
 from .db_template import PREC, RECORD_TYPES
 from .hub import Alarm, Hub, PutRejected, Writer, current_writer, fit
@@ -90,6 +99,28 @@ class _RsrvReads(ChannelData):
 
     upper_ctrl_limit_raw: int | None = None  # a bo's: 65535 (DBF_ENUM's range), wrapped per type
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # the encoded answers to reads of the current value: (channel name, DBR type,
+        # count) -> (header up to the ioid, header after it, payload); a get of an
+        # unchanged PV is then one dict lookup (see _ReleasingCircuit.answer_from_cache)
+        self.answers: dict[tuple[str, int, int], tuple[bytes, bytes, bytes]] = {}
+        self.version = 0  # counts changes; an answer read before a change is not kept
+
+    def _changed(self) -> None:
+        self.version += 1
+        self.answers.clear()
+
+    async def write_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        """Every change of value, alarm, timestamp or limits passes here (caproto's write
+        calls it after storing the value) or through :meth:`publish`."""
+        self._changed()
+        return await super().write_metadata(*args, **kwargs)
+
+    async def publish(self, flags: Any) -> Any:
+        self._changed()
+        return await super().publish(flags)
+
     async def read(self, data_type: ChannelType) -> Any:
         """A get. caproto raises when the value has no such view (text as DBR_DOUBLE), and its
         circuit answers ECA_INTERNAL, on which libca aborts the client: raise NoConversion,
@@ -132,6 +163,10 @@ class _RsrvReads(ChannelData):
         if (count := requested_count.get()) > 1 and len(values) < count:  # RSRV pads
             values = _padded(values, count)
         if self.data_type == ChannelType.CHAR:  # a long string: its NUL is sent too (lsi)
+            if isinstance(values, numpy.ndarray) and values.dtype.itemsize == 1:
+                # as bytes caproto sends it as it is; an array it converts once more for
+                # every client and every monitor
+                values = values.tobytes()
             values = _with_nul(values)
         elif data_type in _LongStringChannelType:  # DBF_STRING as .VAL$: all 40 characters
             # (an array: caproto counts bytes of a DBF_STRING channel as one element)
@@ -177,10 +212,22 @@ _STRING_OF_FORM = {t: ChannelType.STRING if t in native_types else
 
 
 class _ReadOnlyField(_RsrvReads):
-    """A record field other than VAL: clients read it, only the gateway writes it."""
+    """A record field other than VAL: clients read it, only the gateway writes it. Its
+    time is its record's (as a record's fields are read from an IOC), so a change of the
+    record need not write every field."""
+
+    record: ChannelData | None = None
 
     def check_access(self, hostname: str, username: str) -> AccessRights:
         return AccessRights.READ
+
+    @property
+    def epics_timestamp(self) -> Any:
+        return super().epics_timestamp if self.record is None else self.record.epics_timestamp
+
+    @property
+    def timestamp(self) -> float:
+        return super().timestamp if self.record is None else self.record.timestamp
 
 
 @functools.cache
@@ -204,6 +251,11 @@ class _GatewayChannel:
         if self.hub.may_write(self.pv, hostname, username):
             return AccessRights.READ | AccessRights.WRITE
         return AccessRights.READ
+
+    def _changed(self) -> None:
+        super()._changed()  # type: ignore[misc]
+        for field in getattr(self, "fields", {}).values():  # they carry this record's time
+            field._changed()
 
     def get_field(self, name: str) -> ChannelData:
         """``PV.FIELD``: caproto's Context looks record fields up here (KeyError: none)."""
@@ -266,7 +318,9 @@ class _GatewayChannel:
         if self.pv.field.kind is Kind.LONGSTRING:  # the NUL counts (lsi's LEN)
             live["LEN"] = live["NORD"] = len(str(value).encode("utf-8")) + 1
         for name, shown in live.items():
-            await self.fields[name].write(shown, verify_value=False, timestamp=timestamp)
+            field = self.fields[name]
+            if field.value != shown:  # RSRV posts a field's monitors only when it changes
+                await field.write(shown, verify_value=False, timestamp=timestamp)
 
 
 def zeroed(data_type: ChannelType, count: int) -> tuple[Any, list[int]]:
@@ -332,6 +386,8 @@ def _channel(pv: PV, hub: Hub) -> Any:
     cls = type(f"Gateway{base.__name__}", (_GatewayChannel, _RsrvReads, base), {})
     chan = cls(reported_record_type=rtype, **kw)
     chan.hub, chan.pv, chan.fields = hub, pv, _record_fields(pv, rtype)
+    for field in chan.fields.values():
+        field.record = chan
     if f.kind is Kind.BUSY:  # a bo's VAL is DBF_ENUM, whose control range is 0..65535
         chan.upper_ctrl_limit_raw = 65535
     return chan
@@ -346,9 +402,23 @@ def _channel(pv: PV, hub: Hub) -> Any:
 # circuit never released, no TCP_NODELAY; and in _RsrvReads: 0 where EPICS 7 sends NaN
 # alarm limits, text starting with a number refused as a number, an array read for more
 # elements than it holds sent short, DBF_STRING's .VAL$ 81 elements long) has an issue in
-# caproto's tracker as of 2026-12-03; each is to be reported.
+# caproto's tracker as of 2026-12-03; each is to be reported. Nor have the costs per request
+# that the overrides below avoid (issue 12, Speed): a task and a timer per get for a
+# write-lock wait that is nearly always free, each get converted anew, each monitor
+# update encoded, checked and run through the circuit's state machine once per
+# subscriber, a wait_for per queued update, and a turn of the event loop per command.
 CAPROTO_CONTRACT = {
     "caproto.server.common.VirtualCircuit._process_command": "89a0a95c53667d18",
+    "caproto.server.common.VirtualCircuit.command_queue_loop": "8c2d5e3a641ad40b",
+    "caproto.server.common.VirtualCircuit._command_queue_iteration": "ceea4a0747ecd659",
+    "caproto.server.common.VirtualCircuit.recv": "a4867616ecf8bf5b",
+    "caproto.server.common.Context.tcp_handler": "a54b07f6b88eefd2",
+    "caproto.asyncio.server.VirtualCircuit._wake_new_command": "074964feb7c92378",
+    "caproto._circuit.VirtualCircuit._process_command": "55489c8659cef168",
+    "caproto._circuit.VirtualCircuit.send": "1f8c4a6fd5f4cf4f",
+    "caproto._commands.EventAddResponse.__init__": "2877c7621a867e09",
+    "caproto.asyncio.server.VirtualCircuit.__init__": "010585fef692c1ea",
+    "caproto.asyncio.server.AsyncioEvent.wait": "07db0b738ee91bfb",
     "caproto.server.common.VirtualCircuit._cull_subscriptions": "e064982f67823273",
     "caproto.server.common.VirtualCircuit._on_disconnect": "2ad02294d15535e9",
     "caproto.server.common.VirtualCircuit.send": "54f6a3a555bfed63",
@@ -362,6 +432,8 @@ CAPROTO_CONTRACT = {
     "caproto._data.ChannelData._read": "854b3d71abead0c5",
     "caproto._data.ChannelData.read": "be757bb7d2bfd4b1",
     "caproto._data.ChannelData.write": "e2df3ddb190a8e8f",
+    "caproto._data.ChannelData.write_metadata": "df7d9efa3725cc35",
+    "caproto._data.ChannelData.publish": "9137bfaec8830c62",
     "caproto._data.ChannelData.write_from_dbr": "0c24f87816c10b15",
     "caproto._data.ChannelData.auth_write": "aa62a7a715e965a2",
 }
@@ -377,14 +449,56 @@ class _ReleasingCircuit(VirtualCircuit):
     memory grows with uptime. Here only updates not yet sent count against the backlog.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.write_event = _WriteDone()
+        self._busy = False  # the command loop is between taking a command and its answer
+
+    async def recv(self) -> None:
+        """caproto's receive, which queues each command for the command loop; then the
+        gets of unchanged values at the front of the queue are answered at once while that
+        loop is idle (so in order): a get no longer waits a turn of the event loop."""
+        await super().recv()
+        queue = self.command_queue
+        while not self._busy and not queue.empty():
+            command = queue._queue[0]  # type: ignore[attr-defined]  # asyncio.Queue's deque
+            if type(command) is not ReadNotifyRequest:
+                break
+            answer = self.answer_from_cache(command)
+            if answer is None:
+                break
+            queue.get_nowait()
+            await self.send(*answer)
+
+    async def _command_queue_iteration(self, command: Any) -> Any:
+        """A get of an unchanged value is answered before caproto's channel state machine
+        (which a get leaves as it was) sees it."""
+        self._busy = True
+        if type(command) is ReadNotifyRequest and (answer := self.answer_from_cache(command)):
+            return answer
+        return await super()._command_queue_iteration(command)
+
+    async def _wake_new_command(self) -> None:
+        """caproto's command loop calls this once a command is answered."""
+        self._busy = False
+        await super()._wake_new_command()
+
     async def _process_command(self, command: Any) -> Any:
         """caproto answers any exception of a read with ECA_INTERNAL, on which libca calls
         abort(): answer a read the value has no conversion for with ECA_GETFAIL and zeroed
-        data, as RSRV's read_notify_reply does (a get the client survives)."""
+        data, as RSRV's read_notify_reply does (a get the client survives). A get of a
+        value read before is answered with the bytes sent then (see _RsrvReads)."""
         reading = isinstance(command, ReadNotifyRequest | ReadRequest)
-        token = requested_count.set(command.data_count if reading else 0)
-        try:
+        if not reading:
             return await super()._process_command(command)
+        token = requested_count.set(command.data_count)
+        try:
+            chan, entry = self._get_db_entry_from_command(command)
+            version = getattr(entry, "version", None)
+            responses = await super()._process_command(command)
+            if version is not None and version == entry.version:
+                self._keep_answer(chan, entry, command, responses)
+            return responses
         except NoConversion as exc:
             chan, _db_entry = self._get_db_entry_from_command(command)
             if not isinstance(command, ReadNotifyRequest):  # the old ca_array_get
@@ -397,11 +511,87 @@ class _ReleasingCircuit(VirtualCircuit):
         finally:
             requested_count.reset(token)
 
+    def _cache_key(self, chan: Any, command: Any) -> tuple[str, int, int] | None:
+        """What a cached answer to ``command`` is filed under; None: not cacheable (a
+        timestamp filter stamps each read anew, an old client's counts differ)."""
+        if (type(command) is not ReadNotifyRequest or chan.channel_filter.ts
+                or self.circuit.protocol_version < 13):
+            return None
+        return chan.name, command.header.data_type, command.header.data_count
+
+    def answer_from_cache(self, command: Any) -> list[bytes] | None:
+        """The bytes answering a get of an unchanged value, with this request's ioid; None
+        when there are none, or a client write is under way (caproto then lets the write
+        finish first)."""
+        if not self.write_event.is_set():
+            return None
+        chan = self.circuit.channels_sid.get(command.sid)
+        if chan is None or any(state is not CONNECTED for state in chan.states.states.values()):
+            return None  # caproto's state machine answers it
+        entry = self.context.pvdb.get(chan.name)
+        if entry is None:  # a record field (PV.DESC): caproto's lookup of the record
+            try:
+                entry = self.context[chan.name]
+            except KeyError:
+                return None
+        answers = getattr(entry, "answers", None)
+        key = self._cache_key(chan, command) if answers else None
+        hit = answers.get(key) if key is not None else None  # type: ignore[union-attr]
+        if hit is None:
+            return None
+        before, after, payload = hit
+        return [before + command.header.parameter2.to_bytes(4, "big") + after + payload]
+
+    def _keep_answer(self, chan: Any, entry: Any, command: Any, responses: Any) -> None:
+        """File caproto's answer to a get, as bytes without its ioid, on the channel."""
+        answers = getattr(entry, "answers", None)
+        key = self._cache_key(chan, command)
+        if answers is None or key is None or not responses or len(responses) != 1:
+            return
+        response = responses[0]
+        if not isinstance(response, ReadNotifyResponse) or response.header.parameter1 != 1:
+            return
+        header = bytes(response.header)  # the ioid (parameter2) is bytes 12..16
+        if len(answers) >= 64:  # a client asking for every count: keep it bounded
+            answers.clear()
+        answers[key] = (header[:12], header[16:], b"".join(bytes(b) for b in response.buffers))
+
+    async def line_up(self, spec: Any, sub: Any, update: EventAddResponse) -> None:
+        """Put a monitor update in line for this client: held among the newest
+        ``max_subscription_backlog`` of its subscription (an older one still waiting is
+        dropped unsent: the client gets the latest news first), and referenced weakly
+        from the circuit's queue, which the send loop empties."""
+        held = self.unexpired_updates.get(sub.subscriptionid)
+        if held is None:
+            held = self.unexpired_updates[sub.subscriptionid] = collections.deque(
+                maxlen=sub.db_entry.max_subscription_backlog)
+        held.append(update)
+        await self.subscription_queue.put(
+            weakref.ref(update, functools.partial(self._dropped, spec, sub)))
+
+    def _dropped(self, spec: Any, sub: Any, _update: Any) -> None:
+        """An update dropped unsent while the client had turned events off: the
+        subscription is sent anew when it turns them on."""
+        if not self.events_on.is_set():
+            waiting = self.subscriptions_to_resend.setdefault(spec, [])
+            if sub not in waiting:
+                waiting.append(sub)
+
+    async def _send_raw(self, *buffers: Any) -> None:
+        """Encoded commands to the client, failing as caproto's send fails."""
+        if self.connected:
+            try:
+                await self._send_buffers(*buffers)
+            except (OSError, CaprotoNetworkError) as exc:
+                raise DisconnectedCircuit(f"Circuit disconnected: {exc}") from exc
+
     async def get_from_sub_queue(self, timeout: float | None = None) -> Any:
         """caproto's wait for the next update. When a client leaves abruptly, the cancel of
         this wait can be lost (seen: the task 'cancelling' yet waiting again), and the
         closing command loop then awaits it forever: the circuit, its channels and held
         updates stay (about 0.6 MB per client). So the wait also ends once closed."""
+        if not self.subscription_queue.empty():  # no wait (caproto's makes a task and a timer)
+            return self.subscription_queue.get_nowait()
         if timeout is not None:
             return await super().get_from_sub_queue(timeout)
         while self.connected:
@@ -411,7 +601,18 @@ class _ReleasingCircuit(VirtualCircuit):
         raise asyncio.CancelledError  # caproto's loop ends on it
 
     async def send(self, *commands: Any) -> None:
-        await super().send(*commands)
+        """caproto's send, but cached answers (bytes) and monitor updates go straight to
+        the socket: for an update caproto's circuit only checks it against the
+        subscription it was made for, logs it and moves no state, which cost more than
+        the update's encoding (tens of microseconds per update, times subscribers)."""
+        if commands and type(commands[0]) is bytes:
+            await self._send_raw(*commands)
+            return
+        known = self.circuit.event_add_commands
+        if all(isinstance(c, EventAddResponse) and c.subscriptionid in known for c in commands):
+            await self._send_raw(*[b for c in commands for b in (memoryview(c.header), *c.buffers)])
+        else:
+            await super().send(*commands)
         for command in commands:
             if isinstance(command, EventAddResponse):
                 # updates of one subscription are sent in the order they were queued, so
@@ -437,6 +638,36 @@ class _ReleasingCircuit(VirtualCircuit):
             self.subscription_queue.get_nowait()
 
 
+class _Update(EventAddResponse, register=False):
+    """A monitor update made of payload parts shared by every subscriber of one view
+    (already checked when they were encoded), knowing its own length."""
+
+    __slots__ = ("_length",)
+
+    def __init__(self, size: int, buffers: list[Any], data_type: ChannelType, count: int,
+                 subscriptionid: int) -> None:
+        header = EventAddResponseHeader(size, data_type, count, _ECA_NORMAL, subscriptionid)
+        Message.__init__(self, header, *buffers, validate=False)
+        self._length = ctypes.sizeof(header) + size
+
+    def __len__(self) -> int:
+        return self._length
+
+
+_ECA_NORMAL = ensure_eca_value(CAStatus.ECA_NORMAL)
+
+
+class _WriteDone(AsyncioEvent):
+    """The circuit's "no client write under way" event. caproto waits on it before every
+    read (with a 1 ms timeout), which costs a task and a timer per get even when it is
+    set, as it nearly always is: return at once then."""
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        if self.is_set():
+            return True
+        return await super().wait(timeout)
+
+
 class _NoDelayContext(Context):
     """caproto's context with TCP_NODELAY on client sockets (else 40 ms put stalls),
     whose circuits release monitor updates once sent, and whose update loop outlives
@@ -454,10 +685,26 @@ class _NoDelayContext(Context):
             await super()._subscription_queue_iteration(sub_specs, metadata, values, flags, sub)
             return
         for spec in sub_specs:
+            encoded: dict[int, tuple[int, list[Any]]] = {}  # count -> payload size, parts
             for each in tuple(self.subscriptions[spec]):
-                if each.circuit.connected:
+                circuit, filters = each.circuit, each.channel_filter
+                if not circuit.connected:
+                    continue
+                if (not circuit.events_on.is_set() or filters.arr is not None
+                        or filters.dbnd is not None or filters.sync is not None):
                     await self._subscription_queue_send(spec, each, metadata=metadata,
                                                         values=values, flags=flags)
+                    continue
+                # the common case: every subscriber of this view gets the same bytes,
+                # encoded once per update (caproto encodes and checks them per subscriber)
+                count = each.data_count or len(values)
+                if (parts := encoded.get(count)) is None:
+                    size, *buffers = data_payload(
+                        values if count == len(values) else values[:count], metadata,
+                        each.data_type, count)
+                    parts = encoded[count] = (size, buffers)
+                await circuit.line_up(spec, each, _Update(*parts, each.data_type, count,
+                                                          each.subscriptionid))
 
     async def server_accept_loop(self, sock: socket.socket) -> None:
         """caproto binds its listening socket with proto=0, so asyncio never sets

@@ -8,6 +8,7 @@ servers (the sinks) show them; a client write arrives at :meth:`Hub.put`, is che
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -146,8 +147,9 @@ class Hub:
         name = pv.name.rsplit(":", 1)[0] + ":Message_RBV"
         return name if name in self.pvs else self.status_message
 
-    @property
+    @functools.cached_property
     def status_message(self) -> str:
+        """Status:Message_RBV's full name (looked up once: every setting write asks)."""
         return next(n for n, pv in self.pvs.items()
                     if pv.group == "Status" and pv.suffix == "Message_RBV")
 

@@ -191,13 +191,17 @@ class PvaServer:
         raw = getattr(value, "raw", None)  # NT wrappers print with their timestamp
         return raw["value"] if raw is not None else value
 
-    def _wrap(self, pv: PV, nt: Any, value: Any, alarm: Alarm, timestamp: float) -> Value:
+    def _wrap(self, pv: PV, nt: Any, value: Any, alarm: Alarm, timestamp: float, *,
+              metadata: bool = True) -> Value:
+        """``value`` as the PV's NT structure; ``metadata=False`` leaves display and control
+        unmarked, for a post (the SharedPV keeps the fields a post does not mark)."""
         if pv.field.kind in (Kind.ENUM, Kind.BUSY):
             v = nt.wrap({"index": int(value), "choices": list(pv.field.enums)}, timestamp=timestamp)
         else:
             v = nt.wrap(value, timestamp=timestamp)
-        for key, shown in self.metadata[pv.name].items():
-            v[key] = shown
+        if metadata:
+            for key, shown in self.metadata[pv.name].items():
+                v[key] = shown
         return self._alarmed(v, alarm)
 
     def _stream_value(self, value: dict[str, Any], alarm: Alarm, timestamp: float) -> Value:
@@ -220,4 +224,4 @@ class PvaServer:
         if nt is None:
             shared.post(self._stream_value(value, alarm, timestamp))
         else:
-            shared.post(self._wrap(pv, nt, value, alarm, timestamp))
+            shared.post(self._wrap(pv, nt, value, alarm, timestamp, metadata=False))
