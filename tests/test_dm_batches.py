@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -152,3 +153,42 @@ def test_daq_keeps_its_per_file_state_in_the_store(tmp_path: Path) -> None:
             assert rows(daq.id) == {}
 
     asyncio.run(go())
+
+
+def test_slow_rescans_are_spaced_and_do_not_hold_up_new_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rescan that takes long (a huge tree) is followed by a pause ten times its length, so
+    rescans cannot take the whole DAQ's time; files closed meanwhile are still copied at once."""
+    monkeypatch.setattr(daqrunner, "RESCAN_SECONDS", 0.2)
+    scans: list[float] = []
+    walk = daqrunner.DaqRunner._list_unhandled
+
+    def slow_walk(self: daqrunner.DaqRunner) -> dict[str, tuple[transfer.FileStat, float]]:
+        scans.append(time.monotonic())
+        time.sleep(0.3)  # as a walk of some 100,000 files might take
+        return walk(self)
+
+    monkeypatch.setattr(daqrunner.DaqRunner, "_list_unhandled", slow_walk)
+    src = tmp_path / "detector"
+    src.mkdir()
+
+    async def go() -> None:
+        async with service_client(tmp_path / "dm") as dm:
+            await dm.add_experiment("spaced")
+            daq = await dm.start_daq("spaced", str(src))
+            await until(lambda: asyncio.sleep(0, bool(scans)), 30, "first rescan")
+            for i in range(5):  # one closed file a second
+                (src / f"f{i}.dat").write_bytes(b"z" * 100)
+                written = time.monotonic()
+
+                async def copied(n: int = i + 1) -> bool:
+                    return (await dm.get_daq(daq.id)).n_processed == n
+                await until(copied, 30, f"file {i} copied")
+                assert time.monotonic() - written < 2.0, "a closed file waited for a rescan"
+                await asyncio.sleep(max(0.0, written + 1.0 - time.monotonic()))
+            await dm.stop_daq("spaced", str(src))
+
+    asyncio.run(go())
+    gaps = [b - a for a, b in itertools.pairwise(scans[:-1])]  # the last scan: stopDaq's
+    # 0.3 s scans every 0.2 s would leave gaps of ~0.4 s; spaced, each is 11 x 0.3 s or more
+    assert gaps and min(gaps) >= 3.0, gaps

@@ -20,6 +20,10 @@ from .watch import POLL_SECONDS, RESCAN_SECONDS, WatchHub
 STABLE_SECONDS = 0.5  # a file not seen closed is copied once unchanged this long
 TICK_SECONDS = 0.1  # shortest pause between two passes of a DAQ (coalesces bursts of events)
 DRAIN_SECONDS = 30.0  # stopDaq waits at most this long for files that are still changing
+# a rescan walks the whole tree and looks every file up: on a tree of 100,000s of files it
+# takes seconds, so the next one waits at least this many times as long as the last took
+# (rescans then cost at most 1/(1+RESCAN_SPACING) of the DAQ's time, not all of it)
+RESCAN_SPACING = 10.0
 
 
 class DaqRunner:
@@ -71,12 +75,15 @@ class DaqRunner:
     async def _loop(self, period: float) -> None:
         next_scan, final = 0.0, False
         while not self.transfer.abort.is_set():
-            rescan = self._rescan or time.monotonic() >= next_scan
+            started = time.monotonic()
+            rescan = self._rescan or started >= next_scan
             if rescan:
                 final = self._stop_at is not None
                 self._rescan = False
-                next_scan = time.monotonic() + period
             await self._pass(rescan)
+            if rescan:
+                took = time.monotonic() - started
+                next_scan = started + max(period, took * (1 + RESCAN_SPACING))
             await self._copy_stable()
             if final and (not self._waiting or self._drain_expired()):
                 self.transfer.finish("done")

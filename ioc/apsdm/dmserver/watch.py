@@ -2,7 +2,8 @@
 
 Events say where to look, and whether a writer closed the file (inotify's IN_CLOSE_WRITE,
 or a rename into the tree), so it need not settle; a DAQ still rescans its whole tree every
-RESCAN_SECONDS (POLL_SECONDS where the tree cannot be watched) to catch what they missed.
+RESCAN_SECONDS (POLL_SECONDS where the tree cannot be watched) to catch what they missed, or
+less often where a rescan takes long (daqrunner.RESCAN_SPACING).
 """
 
 from __future__ import annotations
