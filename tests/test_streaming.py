@@ -18,7 +18,7 @@ from conftest import Ioc, make_ioc
 from plan_helpers import FAST, demo, new_user
 
 from apsdm_ophyd import DMGateway, RunReport, streaming_collection_plan
-from apsdm_ophyd.reference_workflow import Tally, analyse
+from apsdm_ophyd.reference_workflow import Store, Tally, analyse
 from apsdm_ophyd.stream_detector import StreamingDetector
 
 pytestmark = pytest.mark.timeout(240)
@@ -147,3 +147,22 @@ def test_tally_counts_gaps_head_and_tail() -> None:
     assert (tally.received, tally.stale, tally.lost) == (3, 3, 3)  # 11, 14, 15
     tally.end = 18
     assert tally.lost == 5 and not tally.complete  # and 17, 18
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_store_keeps_every_frame_and_result_across_growth(tmp_path: Path, layout: str) -> None:
+    """More frames than one growth step: the file holds each frame (written as its chunk, or
+    indexed when not contiguous) and its result row, trimmed to the frames received."""
+    count = Store.GROW + 6
+    store = Store(tmp_path / "s.h5", "DET:Pva1:Image")
+    frames = [np.arange(48, dtype=np.uint16).reshape(6, 8) * (i + 1) for i in range(count)]
+    for i, frame in enumerate(frames):
+        shown = frame if layout == "contiguous" else np.asfortranarray(frame)
+        store.append(shown, 100 + i, analyse(frame), 0.001 * i)
+    store.close({"framesReceived": count})
+    with h5py.File(tmp_path / "s.h5") as h5:
+        assert h5["frames"].shape == (count, 6, 8)
+        assert all(np.array_equal(h5["frames"][i], f) for i, f in enumerate(frames))
+        assert list(h5["unique_id"][:]) == [100 + i for i in range(count)]
+        assert h5["sum"][count - 1] == frames[-1].sum()
+        assert h5["latency"].shape == (count,)

@@ -99,9 +99,15 @@ def analyse(frame: np.ndarray) -> dict[str, float]:
 
 
 class Store:
-    """Frames and per-frame results appended to one HDF5 file (datasets grow by one row)."""
+    """Frames and per-frame results appended to one HDF5 file.
+
+    A frame is one chunk, written as is in one call (no filter, no chunk cache: a third of
+    the time of an indexed write at 8 MiB); datasets grow ``GROW`` rows at a time and
+    results are written ``GROW`` rows at a time, instead of seven resizes a frame. The
+    file is complete, and trimmed to the frames received, when the workflow ends."""
 
     RESULTS = ("unique_id", "sum", "max", "centroid_row", "centroid_col", "latency")
+    GROW = 64
 
     def __init__(self, path: Path, frames_pv: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -110,6 +116,8 @@ class Store:
         self.file.attrs["frames_pv"] = frames_pv
         self.file.attrs["started"] = time.time()
         self.frames: Any = None
+        self.count = 0
+        self.pending: list[dict[str, float]] = []  # results not yet written
         self.results = {name: self.file.create_dataset(
             name, (0,), maxshape=(None,), dtype="i8" if name == "unique_id" else "f8",
             chunks=(1024,)) for name in self.RESULTS}
@@ -120,15 +128,29 @@ class Store:
             self.frames = self.file.create_dataset(
                 "frames", (0, *frame.shape), maxshape=(None, *frame.shape), dtype=frame.dtype,
                 chunks=(1, *frame.shape))
-        n = self.frames.shape[0]
-        self.frames.resize(n + 1, axis=0)
-        self.frames[n] = frame
-        row = {"unique_id": uid, "latency": latency, **result}
+        n = self.count
+        if n == self.frames.shape[0]:
+            self.frames.resize(n + self.GROW, axis=0)
+        if frame.flags.c_contiguous and frame.dtype == self.frames.dtype:
+            self.frames.id.write_direct_chunk((n, *(0,) * frame.ndim), frame)
+        else:
+            self.frames[n] = frame
+        self.count = n + 1
+        self.pending.append({"unique_id": uid, "latency": latency, **result})
+        if len(self.pending) >= self.GROW:
+            self._write_results()
+
+    def _write_results(self) -> None:
+        start = self.count - len(self.pending)
         for name, dataset in self.results.items():
-            dataset.resize(n + 1, axis=0)
-            dataset[n] = row[name]
+            dataset.resize(self.count, axis=0)
+            dataset[start:self.count] = [row[name] for row in self.pending]
+        self.pending = []
 
     def close(self, summary: dict[str, Any]) -> None:
+        self._write_results()
+        if self.frames is not None:
+            self.frames.resize(self.count, axis=0)
         self.file.attrs["summary"] = json.dumps(summary)
         self.file.close()
 
@@ -282,6 +304,10 @@ def follow(gateway: Context, names: StreamNames, opts: Options) -> tuple[bool, d
             nbytes += frame.nbytes
             if quiet_since is not None:
                 quiet_since = time.monotonic()
+    except BaseException as exc:  # what came is kept: the file is completed, then the error
+        store.close({"framesReceived": tally.received, "framesLost": tally.lost,
+                     "ended": f"{type(exc).__name__}: {exc}"})
+        raise
     finally:
         frames.stop()  # a callback waiting for room returns, so the subscription can close
         if progress is not None:
