@@ -16,7 +16,7 @@ import pytest
 from test_faults import Appearances
 
 from apsdm.dm import DmClient, DmConfig
-from apsdm.dmserver import daqrunner, start_service, transfer
+from apsdm.dmserver import daqrunner, start_service, transfer, uploadrunner
 
 
 @asynccontextmanager
@@ -192,3 +192,41 @@ def test_slow_rescans_are_spaced_and_do_not_hold_up_new_files(
     gaps = [b - a for a, b in itertools.pairwise(scans[:-1])]  # the last scan: stopDaq's
     # 0.3 s scans every 0.2 s would leave gaps of ~0.4 s; spaced, each is 11 x 0.3 s or more
     assert gaps and min(gaps) >= 3.0, gaps
+
+
+def test_directory_upload_with_one_unreadable_file_places_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Directory mode is all or nothing: one file that cannot be read (while the other
+    staging threads copy theirs) fails the upload saying which; no file is put in place or
+    catalogued, and no staged copy is left behind."""
+    stage = uploadrunner.stage_file
+
+    def unreadable(src: Path, *args: object, **kwargs: object) -> object:
+        if src.name == "f013.dat":
+            raise PermissionError(13, "Permission denied", str(src))
+        return stage(src, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(uploadrunner, "stage_file", unreadable)
+    src = tmp_path / "data"
+    for i in range(40):
+        (src / f"scan{i % 4}").mkdir(parents=True, exist_ok=True)
+        (src / f"scan{i % 4}" / f"f{i:03d}.dat").write_bytes(b"d" * (10 * i + 1))
+
+    async def go() -> None:
+        async with service_client(tmp_path / "dm") as dm:
+            exp = await dm.add_experiment("allornothing")
+            up = await dm.upload("allornothing", str(src), destDirectory="out",
+                                 processingMode="directory")
+
+            async def finished() -> bool:
+                return (await dm.get_upload(up.id)).finished
+            await until(finished, 60, "upload")
+            final = await dm.get_upload(up.id)
+            assert final.status == "failed" and "f013.dat" in final.error_message, final
+            assert final.n_processed == 0
+            dest = Path(exp.data_directory)
+            assert [p for p in dest.rglob("*") if p.is_file()] == []
+            with pytest.raises(Exception, match="not catalogued"):
+                await dm.get_experiment_file("allornothing", "out/scan0/f000.dat")
+
+    asyncio.run(go())

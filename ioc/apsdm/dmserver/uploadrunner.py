@@ -10,9 +10,12 @@ skipped unless ``reprocessFiles`` is set, which also makes a resumed upload idem
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from apsdm.dm.paths import relative_path
 
@@ -30,6 +33,8 @@ from .copying import (
     sync_staged,
 )
 from .transfer import ERROR, PARALLEL_BATCHES, WAITING, Transfer
+
+T = TypeVar("T")
 
 
 async def run_upload(transfer: Transfer) -> None:
@@ -71,20 +76,26 @@ def _files(transfer: Transfer) -> list[str]:
 
 
 async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> None:
-    """Directory mode: all files into a staging tree (a few threads at once), synced once,
-    then all moved into place; nothing is counted before every file is there."""
+    """Directory mode: all files into a staging tree, synced once, then all moved into
+    place, each step a few threads at once; nothing is counted before every file is there."""
     staging = transfer.target / f".dm-staging-{transfer.id}"
     parts = [files[i::PARALLEL_BATCHES] for i in range(PARALLEL_BATCHES)]
     try:
-        results = await asyncio.gather(
-            *(asyncio.to_thread(_stage, transfer, part, staging, reprocess) for part in parts),
-            return_exceptions=True)
-        staged = {rel: item for result in results if isinstance(result, dict)
-                  for rel, item in result.items()}
-        if failed := next((r for r in results if isinstance(r, BaseException)), None):
-            discard(staged.values())
-            raise failed
-        await asyncio.to_thread(_merge, transfer, staged)
+        done = await _in_threads(
+            [functools.partial(_stage, transfer, part, staging, reprocess) for part in parts],
+            undo=lambda done: discard(item for part in done for item in part.values()))
+        staged = {rel: item for part in done for rel, item in part.items()}
+        try:
+            await asyncio.to_thread(sync_staged, list(staged.values()))
+        except OSError as exc:
+            raise TransferFailed(describe(exc)) from None
+        # a directory's renames in one thread (they share its lock), directories spread out
+        by_directory: dict[Path, list[tuple[str, Staged]]] = {}
+        for rel, item in staged.items():
+            by_directory.setdefault((transfer.target / rel).parent, []).append((rel, item))
+        groups = list(by_directory.items())
+        await _in_threads([functools.partial(_move_into_place, transfer, groups[i::PARALLEL_BATCHES])
+                           for i in range(PARALLEL_BATCHES)])
     finally:
         await asyncio.to_thread(shutil.rmtree, staging, True)
     transfer.record_all([(rel, staged[rel].size, staged[rel].md5)
@@ -92,6 +103,20 @@ async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> N
     for rel in files:
         if rel not in staged:
             await transfer.found_copied(rel)
+
+
+async def _in_threads(jobs: list[Callable[[], T]],
+                      undo: Callable[[list[T]], None] | None = None) -> list[T]:
+    """Run the jobs in worker threads at once and wait for all (none is left running behind
+    a failure); the first failure is raised, after ``undo`` of what the others did."""
+    results = await asyncio.gather(*(asyncio.to_thread(job) for job in jobs),
+                                   return_exceptions=True)
+    done = [r for r in results if not isinstance(r, BaseException)]
+    if failed := next((r for r in results if isinstance(r, BaseException)), None):
+        if undo is not None:
+            undo(done)
+        raise failed
+    return done
 
 
 def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
@@ -115,28 +140,21 @@ def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
     return staged
 
 
-def _merge(transfer: Transfer, staged: dict[str, Staged]) -> None:
-    """Sync the staged copies once, move them to their final names (renames within one file
-    system), then make the names durable (one fsync per directory)."""
-    try:
-        sync_staged(list(staged.values()))
-    except OSError as exc:
-        raise TransferFailed(describe(exc)) from None
-    directories: set[Path] = set()
-    for rel, item in staged.items():
-        final = transfer.target / rel
+def _move_into_place(transfer: Transfer, groups: list[tuple[Path, list[tuple[str, Staged]]]]
+                     ) -> None:
+    """Move synced staged copies to their final names, directory by directory (renames within
+    one file system), then make each directory's names durable (one fsync)."""
+    for directory, items in groups:
+        if transfer.leaves_storage(directory / "_"):
+            raise TransferFailed(f"{directory} leads out of the experiment directory")
+        rel = items[0][0]
         try:
-            if final.parent not in directories:
-                if transfer.leaves_storage(final):
-                    raise TransferFailed(
-                        f"{final.parent} leads out of the experiment directory")
-                final.parent.mkdir(parents=True, exist_ok=True)
-                directories.add(final.parent)
-            os.replace(item.tmp, final)
+            directory.mkdir(parents=True, exist_ok=True)
+            for rel, item in items:
+                os.replace(item.tmp, transfer.target / rel)
         except OSError as exc:
             raise TransferFailed(f"cannot move {rel} into place: {describe(exc)}") from None
-    try:
-        for directory in directories:
+        try:
             fsync_dir(directory)
-    except OSError as exc:
-        raise TransferFailed(f"cannot make the names durable: {describe(exc)}") from None
+        except OSError as exc:
+            raise TransferFailed(f"cannot make the names durable: {describe(exc)}") from None
