@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-
 from apsdm.dm.errors import InvalidArgument, ObjectNotFound
 from apsdm.dm.paths import relative_path
 
@@ -43,7 +41,7 @@ class Catalog:
         for path, size, md5 in entries:
             docs.append({
                 "id": old[path]["id"] if path in old else new_id(),
-                "fileName": PurePosixPath(path).name,
+                "fileName": path.rpartition("/")[2],  # paths are normalised: no trailing /
                 "experimentFilePath": path,
                 "fileSize": size,
                 **({"md5Sum": md5} if md5 else {}),  # none under skipChecksum

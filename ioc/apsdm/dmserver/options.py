@@ -156,6 +156,8 @@ class AfterCopy:
         if not self._skip_catalog:
             self._catalog(experiment, entries if self._checksum
                           else [(path, size, "") for path, size, _ in entries])
+        if not (self._workflow or self._remove):
+            return
         for path, _, _ in entries:
             rel = str(PurePosixPath(path).relative_to(self._prefix))
             if self._workflow:

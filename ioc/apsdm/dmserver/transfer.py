@@ -111,7 +111,8 @@ class Transfer:
         self._save = save
         self._catalog = catalog
         self._catalogued = catalogued
-        self._prefix = PurePosixPath(doc["destDirectory"] or ".")
+        prefix = str(PurePosixPath(doc["destDirectory"] or "."))
+        self._prefix = "" if prefix == "." else prefix + "/"  # + a relative path: its catalog path
         self.files = files  # each file's state and the version it was handled at
         files.drop()  # a resumed transfer counts its files anew
         self._counts: Counter[str] = Counter()
@@ -176,14 +177,14 @@ class Transfer:
         catalogue them, one transaction per BATCH_FILES, and count them."""
         for start in range(0, len(copied), BATCH_FILES):
             self._catalog(self.doc["experimentName"],
-                          [(str(self._prefix / rel), size, md5)
+                          [(self._prefix + rel, size, md5)
                            for rel, size, md5 in copied[start:start + BATCH_FILES]])
         self._set_all([(rel, DONE, "") for rel, _, _ in copied], versions)
 
     async def found_copied(self, rel: str, version: FileStat | None = None) -> None:
         """A file already in place (copied before a restart): count it, and catalogue it if
         a crash came between its copy and its catalogue entry."""
-        if self._catalogued(self.doc["experimentName"], str(self._prefix / rel)):
+        if self._catalogued(self.doc["experimentName"], self._prefix + rel):
             self.set_state(rel, DONE, version=version)
             return
         try:
