@@ -540,7 +540,10 @@ def test_dm_frozen_with_starts_in_flight(dm_server: DmServer, ioc_on: Ioc,
         wait_until(lambda: "no answer from DM" in caget(ioc, "WF1:Message_RBV"), 4 * DM_TIMEOUT,
                    "the job's start in doubt")
         assert "no answer from DM" in caget(ioc, "UP1:Message_RBV")
-        assert alarm(ioc, "WF1:Message_RBV") == (MINOR, STATE)
+        # the start in doubt is a MINOR/STATE alarm; the poller, whose calls get no answer
+        # either, may already have found DM gone, which makes every readback INVALID/COMM
+        # (seen in CI under load): either way the message is not left without an alarm
+        assert alarm(ioc, "WF1:Message_RBV") in ((MINOR, STATE), (INVALID, COMM))
         assert "not started" in (puts["DAQ1:Start"].outcome(4 * DM_TIMEOUT) or "")
         assert not puts["WF1:Start"].finished and not puts["UP1:Start"].finished
         time.sleep(2 * DM_TIMEOUT)
