@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 from test_faults import Appearances
@@ -228,5 +230,42 @@ def test_directory_upload_with_one_unreadable_file_places_nothing(
             assert [p for p in dest.rglob("*") if p.is_file()] == []
             with pytest.raises(Exception, match="not catalogued"):
                 await dm.get_experiment_file("allornothing", "out/scan0/f000.dat")
+
+    asyncio.run(go())
+
+
+def test_new_directories_are_listed_without_rescanning_the_tree(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A detector making a directory per scan: each new directory's files are copied (those
+    written before its watch existed too) by listing that directory alone; the whole tree is
+    walked only at the start (and at the stop), not once per new directory."""
+    monkeypatch.setattr(daqrunner, "RESCAN_SECONDS", 600.0)
+    walks: list[str] = []
+    walk = daqrunner.DaqRunner._list_unhandled
+
+    def counted(self: daqrunner.DaqRunner, under: str = "") -> dict[str, Any]:
+        walks.append(under)
+        return walk(self, under)
+
+    monkeypatch.setattr(daqrunner.DaqRunner, "_list_unhandled", counted)
+    src = tmp_path / "detector"
+    src.mkdir()
+
+    async def go() -> None:
+        async with service_client(tmp_path / "dm") as dm:
+            await dm.add_experiment("perscan")
+            daq = await dm.start_daq("perscan", str(src))
+            await until(lambda: asyncio.sleep(0, bool(walks)), 30, "first scan")
+            for scan in range(5):
+                os.makedirs(src / f"scan{scan}" / "sub")  # files at once, before any watch
+                for name in ("a.dat", "sub/b.dat", "c.dat"):
+                    (src / f"scan{scan}" / name).write_bytes(b"s" * 50)
+
+                async def copied(n: int = 3 * (scan + 1)) -> bool:
+                    return (await dm.get_daq(daq.id)).n_processed == n
+                await until(copied, 30, f"scan {scan} copied")
+            whole_tree = walks.count("")
+            await dm.stop_daq("perscan", str(src))
+            assert whole_tree == 1, walks
 
     asyncio.run(go())

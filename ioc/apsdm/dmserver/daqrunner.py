@@ -11,9 +11,10 @@ import contextlib
 import os
 import stat
 import time
+from pathlib import Path
 
 from .common import flag
-from .copying import CopyAborted, FileStat, file_stat, list_files
+from .copying import CopyAborted, FileStat, TransferFailed, file_stat, list_files
 from .transfer import ERROR, WAITING, Transfer
 from .watch import POLL_SECONDS, RESCAN_SECONDS, WatchHub
 
@@ -37,18 +38,23 @@ class DaqRunner:
         self._waiting: dict[str, tuple[FileStat, float]] = {}  # version seen, unchanged since
         self._dirty: set[str] = set()  # paths named by watch events since the last pass
         self._closed: set[str] = set()  # of those, the ones their writer closed
+        self._trees: set[str] = set()  # directories that appeared since the last pass
         self._rescan = True
         self._wake = asyncio.Event()
         self._stop_at: float | None = None
 
-    def notify(self, path: str | None, closed: bool) -> None:
-        """A watch event: a file that changed (``closed``: its writer is done with it), or
-        None when a whole directory appeared."""
+    def notify(self, path: str | None, closed: bool, tree: bool) -> None:
+        """A watch event: a file that changed (``closed``: its writer is done with it), a
+        directory that appeared (``tree``), or None when the tree must be scanned anew."""
         if path is None:
             self._rescan = True
         else:
             rel = os.path.relpath(path, self.transfer.source)
-            if not rel.startswith("..") and self.transfer.wanted(rel):
+            if rel.startswith(".."):
+                pass
+            elif tree:
+                self._trees.add(rel)
+            elif self.transfer.wanted(rel):
                 self._dirty.add(rel)
                 if closed:
                     self._closed.add(rel)
@@ -98,6 +104,7 @@ class DaqRunner:
         """
         dirty, self._dirty = self._dirty, set()
         closed, self._closed = self._closed, set()
+        trees, self._trees = self._trees, set()
         if rescan:
             found = await asyncio.to_thread(self._list_unhandled)
             found = {rel: seen for rel, seen in found.items() if self.transfer.wanted(rel)}
@@ -105,16 +112,31 @@ class DaqRunner:
         else:
             checked = dirty | self._waiting.keys()
             found = await asyncio.to_thread(self._stat, checked)
+            for tree in trees:  # new directories: their files, not the whole tree's
+                listed = await asyncio.to_thread(self._list_unhandled, tree)
+                found.update((rel, seen) for rel, seen in listed.items()
+                             if self.transfer.wanted(rel))
+            checked |= found.keys()
         self._observe(found, checked, closed)
 
-    def _list_unhandled(self) -> dict[str, tuple[FileStat, float]]:
-        """In a worker thread: the tree's files, less those copied (or failed) at their
-        current version, looked up one by one in the store (a waiting file has no version)."""
+    def _list_unhandled(self, under: str = "") -> dict[str, tuple[FileStat, float]]:
+        """In a worker thread: the files of the tree (or of its directory ``under``), less
+        those copied (or failed) at their current version, looked up one by one in the store
+        (a waiting file has no version)."""
+        hidden = self.transfer.hidden
+        if under and not hidden and any(p.startswith(".") for p in Path(under).parts):
+            return {}
         with self.transfer.files.lookup() as lookup:
             def handled(rel: str, version: FileStat) -> bool:
-                known = lookup(rel)
+                known = lookup(os.path.join(under, rel))
                 return known is not None and known[1] == version
-            return list_files(self.transfer.source, self.transfer.hidden, handled)
+            try:
+                found = list_files(self.transfer.source / under, hidden, handled)
+            except TransferFailed:
+                if not under:
+                    raise
+                return {}  # the new directory is gone again
+        return {os.path.join(under, rel): seen for rel, seen in found.items()}
 
     def _stat(self, rels: set[str]) -> dict[str, tuple[FileStat, float]]:
         """The current version of some files (those that are gone or not files are left out)."""

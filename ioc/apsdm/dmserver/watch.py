@@ -21,7 +21,8 @@ from watchdog.observers.api import BaseObserver, ObservedWatch
 
 log = logging.getLogger(__name__)
 
-Notify = Callable[[str | None, bool], None]  # path (None: rescan), closed by its writer
+# path (None: rescan everything), closed by its writer, a new directory (list its files)
+Notify = Callable[[str | None, bool, bool], None]
 
 RESCAN_SECONDS = 5.0  # full rescan period while inotify works: catches anything it missed
 POLL_SECONDS = 1.0  # full rescan period when the tree cannot be watched
@@ -37,20 +38,26 @@ class _Fanout(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
-        paths: list[tuple[str | None, bool]]
-        if event.is_directory:  # a tree came, went or moved: rescan rather than trust events
-            paths = [(None, False)] if event.event_type != "modified" else []
+        paths: list[tuple[str | None, bool, bool]]
+        if event.event_type == "modified" and event.is_directory:
+            paths = []
+        elif event.event_type == "created" and event.is_directory:
+            # files made in it before its watch was added have no event: list it (only it:
+            # a detector making a directory per scan must not cost a walk of the whole tree)
+            paths = [(os.fsdecode(event.src_path), False, True)]
+        elif event.is_directory:  # a tree went or moved: rescan rather than trust events
+            paths = [(None, False, False)]
         else:
-            paths = [(os.fsdecode(event.src_path), event.event_type == "closed")]
+            paths = [(os.fsdecode(event.src_path), event.event_type == "closed", False)]
             if event.dest_path:  # renamed into place: complete, as writers rename when done
-                paths.append((os.fsdecode(event.dest_path), True))
-        for path, done in paths:
+                paths.append((os.fsdecode(event.dest_path), True, False))
+        for path, done, tree in paths:
             with contextlib.suppress(RuntimeError):  # the loop is closing
-                self._loop.call_soon_threadsafe(self._deliver, path, done)
+                self._loop.call_soon_threadsafe(self._deliver, path, done, tree)
 
-    def _deliver(self, path: str | None, closed: bool) -> None:
+    def _deliver(self, path: str | None, closed: bool, tree: bool) -> None:
         for callback in list(self.callbacks):
-            callback(path, closed)
+            callback(path, closed, tree)
 
 
 class WatchHub:
