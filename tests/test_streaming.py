@@ -139,6 +139,25 @@ def test_loss_is_counted_exactly_when_the_workflow_is_slower(
     assert stream_gateway.stream.workflow.lost.get() == lost
 
 
+def test_workflow_that_has_enough_ends_the_collection(
+        stream_dm: Any, stream_gateway: DMGateway, detector: StreamingDetector,
+        RE: RunEngine) -> None:
+    """The workflow ends the stream first (it wants 8 frames): bluesky takes no more shots of
+    the 400 asked for, closes the run with those it took, says why, and the job ends done."""
+    new_user(stream_dm, stream_gateway, RE, demo("streaming-reference"))
+    result, report, docs = stream(RE, stream_gateway, detector, 400, "--max-frames 8")
+    assert result.exit_status == "success", result.reason
+    assert report.job.status == "done", report.job.stages[0]["stdErr"]
+    assert report.data_management["stream_frames_received"] == 8
+    # a descriptor's own "name" (its stream) stands where the others have the document's
+    primary = next(d["uid"] for d in docs if "data_keys" in d and d["name"] == "primary")
+    shots = [d for d in docs if d["name"] == "event" and d["descriptor"] == primary]
+    assert 2 <= len(shots) < 400, len(shots)
+    ours = stream_gateway.stream.bluesky
+    assert ours.state.get() == "done"
+    assert "the workflow ended the stream" in ours.message.get()
+
+
 def test_tally_counts_gaps_head_and_tail() -> None:
     """Lost frames: gaps between received ids, before the first and after the last."""
     tally = Tally(start=10)

@@ -165,9 +165,10 @@ def streaming_collection_plan(
     The job gets ``prefix``, ``blueskyPv``, ``workflowPv`` and ``experimentName`` before
     ``workflow_args``; its id is in the start document. Stream:Bluesky goes ``idle`` ->
     ``acquiring`` (counter: frames so far) -> ``done`` (or ``error`` if collection stops).
-    A workflow not ``ready`` within ``ready_timeout`` s, or ending first, raises
-    WorkflowFailed; after the collection, ``raise_on_failure`` works as in
-    :func:`file_collection_plan`.
+    A workflow not ``ready`` within ``ready_timeout`` s, or ending before it is ready,
+    raises WorkflowFailed; one that ends the stream while bluesky collects (``done``: it has
+    enough frames; ``error``) stops the collection, and the run closes with the shots so
+    far. After the collection, ``raise_on_failure`` works as in :func:`file_collection_plan`.
 
     With a frame stream (see :func:`frame_source`: ``frames_pv``, at ``frames_address``,
     or a StreamingDetector among ``detectors``) the job also gets ``framesPv``,
@@ -214,7 +215,7 @@ def streaming_collection_plan(
 
     result = yield from dm_workflow_wrapper(
         _announced_count(detectors, num, {"plan_name": "streaming_collection_plan",
-                                          **(md or {})}, ours,
+                                          **(md or {})}, ours, theirs,
                          None if source is None else source.unique_id),
         gateway, WorkflowRequest(workflow_name, args, workflow_owner, wf_slot),
         start_first=True, when_started=ready, raise_on_failure=raise_on_failure,
@@ -252,20 +253,32 @@ def _wait_ready(ours: StreamSignal, theirs: StreamSignal, before: StreamState,
 
 
 def _announced_count(detectors: Sequence[Any], num: int, md: Mapping[str, Any],
-                     ours: StreamSignal, unique_id: Any = None) -> MsgGenerator[str]:
+                     ours: StreamSignal, theirs: StreamSignal,
+                     unique_id: Any = None) -> MsgGenerator[str]:
     """``bp.count`` posting each shot to Stream:Bluesky (``done`` with the last one, before
     the run closes; ``error`` if the collection stops); the counter is the shots so far, or
-    with a frame stream the ``unique_id`` signal's last frame."""
+    with a frame stream the ``unique_id`` signal's last frame. When the workflow ends the
+    stream first (Stream:Workflow ``done``: it has enough; ``error``: it failed), the
+    remaining shots are not taken and the run closes with the frames so far."""
     frames = 0
+    ended: StreamState | None = None  # the workflow's own end of the stream
 
     def announce(dets: Sequence[Any]) -> MsgGenerator[None]:
-        nonlocal frames
+        nonlocal frames, ended
+        if ended is not None:
+            return  # the workflow ended the stream: no more shots
         yield from bps.one_shot(dets)
         frames += 1
         counter = frames if unique_id is None else (yield from bps.rd(unique_id))
-        state = "done" if frames == num else "acquiring"
-        yield from bps.abs_set(ours, StreamState(state, f"frame {frames} of {num}", int(counter)),
-                               wait=True)
+        current = yield from bps.rd(theirs, default_value=StreamState("acquiring"))
+        if current.state in ("done", "error") and frames < num:
+            ended = current
+            log.info("the workflow ended the stream after %d of %d shots: %s (%s)", frames,
+                     num, current.state, current.message)
+        state = "done" if frames == num or ended is not None else "acquiring"
+        message = f"frame {frames} of {num}" + (
+            "" if ended is None else f"; the workflow ended the stream: {ended.message}")
+        yield from bps.abs_set(ours, StreamState(state, message, int(counter)), wait=True)
 
     def stopped(exc: BaseException) -> MsgGenerator[None]:
         yield from bps.abs_set(ours, StreamState("error", f"collection stopped: {exc!r}",
