@@ -124,6 +124,8 @@ def _zero_loss(run: Any, top: float, nbytes: int) -> dict[str, Any]:
     for _ in range(STEPS):
         frames = max(20, int(rate * SECONDS))
         result = run(frames, rate)
+        print(f"    {rate:7.1f} frames/s asked: {result.get('framesReceived')} of {frames} "
+              f"received, {result.get('framesLost')} lost", file=sys.stderr, flush=True)
         if result.get("framesLost", 1) == 0 and result.get("framesReceived") == frames:
             return {**result, "rate": rate, "mbps": rate * nbytes / 1e6}
         rate *= 0.85
