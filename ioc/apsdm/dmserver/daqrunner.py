@@ -48,11 +48,8 @@ class DaqRunner:
         directory that appeared (``tree``), or None when the tree must be scanned anew."""
         if path is None:
             self._rescan = True
-        else:
-            rel = os.path.relpath(path, self.transfer.source)
-            if rel.startswith(".."):
-                pass
-            elif tree:
+        elif not (rel := os.path.relpath(path, self.transfer.source)).startswith(".."):
+            if tree:
                 self._trees.add(rel)
             elif self.transfer.wanted(rel):
                 self._dirty.add(rel)
