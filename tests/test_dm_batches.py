@@ -157,41 +157,61 @@ def test_daq_keeps_its_per_file_state_in_the_store(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
+def record_walks(monkeypatch: pytest.MonkeyPatch, slower: float = 0.0) -> list[tuple[float, str]]:
+    """Every walk the DAQs make: when, and of which directory ("": the whole tree); each
+    made ``slower`` seconds longer (as on a tree of 100,000s of files)."""
+    walks: list[tuple[float, str]] = []
+    walk = daqrunner.DaqRunner._list_unhandled
+
+    def recorded(self: daqrunner.DaqRunner, under: str = "") -> dict[str, Any]:
+        walks.append((time.monotonic(), under))
+        time.sleep(slower)
+        return walk(self, under)
+
+    monkeypatch.setattr(daqrunner.DaqRunner, "_list_unhandled", recorded)
+    return walks
+
+
+async def copied_in_time(dm: DmClient, daq_id: str, count: int, seconds: float) -> None:
+    """The DAQ's processed count reaches ``count`` within ``seconds``."""
+    async def copied() -> bool:
+        return (await dm.get_daq(daq_id)).n_processed == count
+    began = time.monotonic()
+    await until(copied, 30, f"{count} files copied")
+    assert time.monotonic() - began < seconds, f"{count} files: copied too late"
+
+
+@asynccontextmanager
+async def daq_past_first_walk(tmp_path: Path, name: str, walks: list[tuple[float, str]]
+                              ) -> AsyncIterator[tuple[DmClient, str, Path]]:
+    """A DAQ on a new detector directory, once it has made its first walk; stopped after."""
+    src = tmp_path / "detector"
+    src.mkdir()
+    async with service_client(tmp_path / "dm") as dm:
+        await dm.add_experiment(name)
+        daq = await dm.start_daq(name, str(src))
+        await until(lambda: asyncio.sleep(0, bool(walks)), 30, "first walk")
+        yield dm, daq.id, src
+        await dm.stop_daq(name, str(src))
+
+
 def test_slow_rescans_are_spaced_and_do_not_hold_up_new_files(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A rescan that takes long (a huge tree) is followed by a pause ten times its length, so
     rescans cannot take the whole DAQ's time; files closed meanwhile are still copied at once."""
     monkeypatch.setattr(daqrunner, "RESCAN_SECONDS", 0.2)
-    scans: list[float] = []
-    walk = daqrunner.DaqRunner._list_unhandled
-
-    def slow_walk(self: daqrunner.DaqRunner) -> dict[str, tuple[transfer.FileStat, float]]:
-        scans.append(time.monotonic())
-        time.sleep(0.3)  # as a walk of some 100,000 files might take
-        return walk(self)
-
-    monkeypatch.setattr(daqrunner.DaqRunner, "_list_unhandled", slow_walk)
-    src = tmp_path / "detector"
-    src.mkdir()
+    walks = record_walks(monkeypatch, slower=0.3)
 
     async def go() -> None:
-        async with service_client(tmp_path / "dm") as dm:
-            await dm.add_experiment("spaced")
-            daq = await dm.start_daq("spaced", str(src))
-            await until(lambda: asyncio.sleep(0, bool(scans)), 30, "first rescan")
+        async with daq_past_first_walk(tmp_path, "spaced", walks) as (dm, daq_id, src):
             for i in range(5):  # one closed file a second
                 (src / f"f{i}.dat").write_bytes(b"z" * 100)
-                written = time.monotonic()
-
-                async def copied(n: int = i + 1) -> bool:
-                    return (await dm.get_daq(daq.id)).n_processed == n
-                await until(copied, 30, f"file {i} copied")
-                assert time.monotonic() - written < 2.0, "a closed file waited for a rescan"
-                await asyncio.sleep(max(0.0, written + 1.0 - time.monotonic()))
-            await dm.stop_daq("spaced", str(src))
+                await copied_in_time(dm, daq_id, i + 1, 2.0)
+                await asyncio.sleep(1.0)
 
     asyncio.run(go())
-    gaps = [b - a for a, b in itertools.pairwise(scans[:-1])]  # the last scan: stopDaq's
+    scans = [when for when, _ in walks[:-1]]  # the last: stopDaq's
+    gaps = [b - a for a, b in itertools.pairwise(scans)]
     # 0.3 s scans every 0.2 s would leave gaps of ~0.4 s; spaced, each is 11 x 0.3 s or more
     assert gaps and min(gaps) >= 3.0, gaps
 
@@ -240,32 +260,15 @@ def test_new_directories_are_listed_without_rescanning_the_tree(
     written before its watch existed too) by listing that directory alone; the whole tree is
     walked only at the start (and at the stop), not once per new directory."""
     monkeypatch.setattr(daqrunner, "RESCAN_SECONDS", 600.0)
-    walks: list[str] = []
-    walk = daqrunner.DaqRunner._list_unhandled
-
-    def counted(self: daqrunner.DaqRunner, under: str = "") -> dict[str, Any]:
-        walks.append(under)
-        return walk(self, under)
-
-    monkeypatch.setattr(daqrunner.DaqRunner, "_list_unhandled", counted)
-    src = tmp_path / "detector"
-    src.mkdir()
+    walks = record_walks(monkeypatch)
 
     async def go() -> None:
-        async with service_client(tmp_path / "dm") as dm:
-            await dm.add_experiment("perscan")
-            daq = await dm.start_daq("perscan", str(src))
-            await until(lambda: asyncio.sleep(0, bool(walks)), 30, "first scan")
+        async with daq_past_first_walk(tmp_path, "perscan", walks) as (dm, daq_id, src):
             for scan in range(5):
                 os.makedirs(src / f"scan{scan}" / "sub")  # files at once, before any watch
                 for name in ("a.dat", "sub/b.dat", "c.dat"):
                     (src / f"scan{scan}" / name).write_bytes(b"s" * 50)
-
-                async def copied(n: int = 3 * (scan + 1)) -> bool:
-                    return (await dm.get_daq(daq.id)).n_processed == n
-                await until(copied, 30, f"scan {scan} copied")
-            whole_tree = walks.count("")
-            await dm.stop_daq("perscan", str(src))
-            assert whole_tree == 1, walks
+                await copied_in_time(dm, daq_id, 3 * (scan + 1), 5.0)
+            assert [under for _, under in walks].count("") == 1, walks
 
     asyncio.run(go())
