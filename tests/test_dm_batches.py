@@ -19,6 +19,7 @@ from test_faults import Appearances
 
 from apsdm.dm import DmClient, DmConfig
 from apsdm.dmserver import daqrunner, start_service, transfer, uploadrunner
+from apsdm.dmserver.watch import WatchHub
 
 
 @asynccontextmanager
@@ -270,5 +271,29 @@ def test_new_directories_are_listed_without_rescanning_the_tree(
                     (src / f"scan{scan}" / name).write_bytes(b"s" * 50)
                 await copied_in_time(dm, daq_id, 3 * (scan + 1), 5.0)
             assert [under for _, under in walks].count("") == 1, walks
+
+    asyncio.run(go())
+
+
+def test_reads_of_watched_files_raise_no_events(tmp_path: Path) -> None:
+    """A DAQ reads every file it copies: those opens and closes-without-writing reach no DAQ
+    (inotify is asked only for the events a DAQ uses); a write and its close do."""
+    events: list[tuple[str | None, bool, bool]] = []
+
+    async def go() -> None:
+        hub = WatchHub()
+        try:
+            assert await hub.watch(tmp_path, lambda *event: events.append(event))
+            (tmp_path / "f.dat").write_bytes(b"x" * 100)
+            await until(lambda: asyncio.sleep(0, any(closed for _, closed, _ in events)), 10,
+                        "the write's close")
+            await asyncio.sleep(0.3)  # the write's last events
+            written = list(events)
+            for _ in range(20):
+                (tmp_path / "f.dat").read_bytes()
+            await asyncio.sleep(0.5)
+            assert events == written
+        finally:
+            await hub.close()
 
     asyncio.run(go())

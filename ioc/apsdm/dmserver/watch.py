@@ -15,7 +15,18 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
@@ -23,6 +34,12 @@ log = logging.getLogger(__name__)
 
 # path (None: rescan everything), closed by its writer, a new directory (list its files)
 Notify = Callable[[str | None, bool, bool], None]
+
+# the events a DAQ uses: not opened / closed-without-writing, which the DAQ's own reads of
+# every file it copies raise (two events per file, each decoded and dispatched in Python)
+EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent, DirCreatedEvent, FileModifiedEvent, FileClosedEvent, FileMovedEvent,
+    DirMovedEvent, FileDeletedEvent, DirDeletedEvent]
 
 RESCAN_SECONDS = 5.0  # full rescan period while inotify works: catches anything it missed
 POLL_SECONDS = 1.0  # full rescan period when the tree cannot be watched
@@ -36,8 +53,6 @@ class _Fanout(FileSystemEventHandler):
         self.callbacks: list[Notify] = []
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return
         paths: list[tuple[str | None, bool, bool]]
         if event.event_type == "modified" and event.is_directory:
             paths = []
@@ -79,7 +94,7 @@ class WatchHub:
                         self._observer.daemon = True
                         self._observer.start()
                     watch = await asyncio.to_thread(self._observer.schedule, fanout, str(root),
-                                                    recursive=True)
+                                                    recursive=True, event_filter=EVENTS)
                 except OSError as exc:
                     log.warning("cannot watch %s (%s): polling it every %.0f s", root,
                                 exc.strerror or exc, POLL_SECONDS)
