@@ -145,9 +145,9 @@ def _move_into_place(transfer: Transfer, groups: list[tuple[Path, list[tuple[str
     """Move synced staged copies to their final names, directory by directory (renames within
     one file system), then make each directory's names durable (one fsync)."""
     for directory, items in groups:
-        if transfer.leaves_storage(directory / "_"):
-            raise TransferFailed(f"{directory} leads out of the experiment directory")
         rel = items[0][0]
+        if transfer.leaves_storage(transfer.target / rel):  # it checks the file's directory
+            raise TransferFailed(f"{directory} leads out of the experiment directory")
         try:
             directory.mkdir(parents=True, exist_ok=True)
             for rel, item in items:
