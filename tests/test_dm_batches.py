@@ -217,6 +217,23 @@ def test_slow_rescans_are_spaced_and_do_not_hold_up_new_files(
     assert gaps and min(gaps) >= 3.0, gaps
 
 
+def test_files_closed_during_a_rescan_are_copied_before_it_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rescan lists the tree in a worker thread while the DAQ goes on: files closed while
+    a long one runs (here 4 s, as on a tree of 100,000s of files) are copied at once."""
+    monkeypatch.setattr(daqrunner, "RESCAN_SECONDS", 600.0)
+    walks = record_walks(monkeypatch, slower=4.0)
+
+    async def go() -> None:
+        async with daq_past_first_walk(tmp_path, "beside", walks) as (dm, daq_id, src):
+            for i in range(3):
+                (src / f"f{i}.dat").write_bytes(b"z" * 100)
+                await copied_in_time(dm, daq_id, i + 1, 1.0)
+            assert time.monotonic() - walks[0][0] < 4.0  # the first walk still runs
+
+    asyncio.run(go())
+
+
 def test_directory_upload_with_one_unreadable_file_places_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Directory mode is all or nothing: one file that cannot be read (while the other

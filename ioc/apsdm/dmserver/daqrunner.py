@@ -1,5 +1,6 @@
-"""The DAQ runner: one DAQ's passes over its tree (the files watch events named, or all of it
-at a rescan), a stability clock per file, and batched copies of the files that settled.
+"""The DAQ runner: one DAQ's passes over the files watch events named, rescans of its whole
+tree beside them (a worker thread lists it while the passes go on), a stability clock per
+file, and batched copies of the files that settled.
 
 A file its writer closed (inotify's close-after-write, or a rename into the tree) is settled
 at once; the clock only guards files found without such an event (polling, rescans)."""
@@ -40,6 +41,7 @@ class DaqRunner:
         self._closed: set[str] = set()  # of those, the ones their writer closed
         self._trees: set[str] = set()  # directories that appeared since the last pass
         self._rescan = True
+        self._listing: asyncio.Task[dict[str, tuple[FileStat, float]]] | None = None  # a rescan's
         self._wake = asyncio.Event()
         self._stop_at: float | None = None
 
@@ -76,44 +78,53 @@ class DaqRunner:
                 await self._hub.unwatch(source, self.notify)
 
     async def _loop(self, period: float) -> None:
-        next_scan, final = 0.0, False
-        while not self.transfer.abort.is_set():
-            started = time.monotonic()
-            rescan = self._rescan or started >= next_scan
-            if rescan:
-                final = self._stop_at is not None
-                self._rescan = False
-            await self._pass(rescan)
-            if rescan:
-                took = time.monotonic() - started
-                next_scan = started + max(period, took * (1 + RESCAN_SPACING))
-            await self._copy_stable()
-            if final and (not self._waiting or self._drain_expired()):
-                self.transfer.finish("done")
-                return
-            await self._pause(next_scan)
+        next_scan = 0.0
+        final = False  # the rescan under way began after stopDaq
+        ended = False  # such a rescan is done: once every file it found is copied, stop
+        try:
+            while not self.transfer.abort.is_set():
+                if self._listing is None and (self._rescan or time.monotonic() >= next_scan):
+                    final, self._rescan = self._stop_at is not None, False
+                    self._listing = asyncio.create_task(self._rescan_tree(period))
+                await self._pass()
+                if self._listing is not None and self._listing.done():
+                    found, next_scan = self._listing.result()
+                    self._listing = None
+                    self._observe(found, set(found), set())
+                    ended = final
+                await self._copy_stable()
+                if ended and (not self._waiting or self._drain_expired()):
+                    self.transfer.finish("done")
+                    return
+                await self._pause(None if self._listing else next_scan)
+        finally:
+            if self._listing is not None:
+                self._listing.cancel()
 
-    async def _pass(self, rescan: bool) -> None:
-        """Look at the whole tree (rescan) or at the files events named and those waiting.
+    async def _rescan_tree(self, period: float
+                           ) -> tuple[dict[str, tuple[FileStat, float]], float]:
+        """A rescan, in a worker thread while the events' passes go on: the files of the
+        whole tree not handled at their current version, and when the next rescan is due."""
+        started = time.monotonic()
+        try:
+            found = await asyncio.to_thread(self._list_unhandled)
+        finally:
+            self._wake.set()  # the loop takes it in at once
+        due = started + max(period, (time.monotonic() - started) * (1 + RESCAN_SPACING))
+        return {rel: seen for rel, seen in found.items() if self.transfer.wanted(rel)}, due
 
-        A rescan leaves out, in its worker thread, files already handled at their current
-        version: its cost in memory follows what changed, not the size of the tree.
-        """
+    async def _pass(self) -> None:
+        """Look at the files events named (and the directories that appeared), and at those
+        waiting to settle."""
         dirty, self._dirty = self._dirty, set()
         closed, self._closed = self._closed, set()
         trees, self._trees = self._trees, set()
-        if rescan:
-            found = await asyncio.to_thread(self._list_unhandled)
-            found = {rel: seen for rel, seen in found.items() if self.transfer.wanted(rel)}
-            checked = found.keys() | self._waiting.keys()
-        else:
-            checked = dirty | self._waiting.keys()
-            found = await asyncio.to_thread(self._stat, checked)
-            for tree in trees:  # new directories: their files, not the whole tree's
-                listed = await asyncio.to_thread(self._list_unhandled, tree)
-                found.update((rel, seen) for rel, seen in listed.items()
-                             if self.transfer.wanted(rel))
-            checked |= found.keys()
+        checked = dirty | self._waiting.keys()
+        found = await asyncio.to_thread(self._stat, checked)
+        for tree in trees:  # new directories: their files, not the whole tree's
+            listed = await asyncio.to_thread(self._list_unhandled, tree)
+            found.update((rel, seen) for rel, seen in listed.items() if self.transfer.wanted(rel))
+        checked |= found.keys()
         self._observe(found, checked, closed)
 
     def _list_unhandled(self, under: str = "") -> dict[str, tuple[FileStat, float]]:
@@ -188,11 +199,14 @@ class DaqRunner:
             self.transfer.set_state(rel, ERROR, "still changing when the DAQ was stopped")
         return True
 
-    async def _pause(self, next_scan: float) -> None:
-        """Sleep one tick, then until an event, a stable-file check or the next rescan."""
+    async def _pause(self, next_scan: float | None) -> None:
+        """Sleep one tick, then until an event, a stable-file check, the end of the rescan
+        under way, or (None: none under way) the next rescan."""
         await asyncio.sleep(TICK_SECONDS)
-        if self._waiting or self._dirty or self._rescan or self.transfer.abort.is_set():
+        if (self._waiting or self._dirty or self._rescan or self.transfer.abort.is_set()
+                or (self._listing is not None and self._listing.done())):
             return
         self._wake.clear()
+        timeout = None if next_scan is None else max(0.0, next_scan - time.monotonic())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), max(0.0, next_scan - time.monotonic()))
+            await asyncio.wait_for(self._wake.wait(), timeout)
