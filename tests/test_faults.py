@@ -34,7 +34,7 @@ from apsdm.dm import DmClient
 
 T = TypeVar("T")
 DM_TIMEOUT = 2.0  # the IOC's DM client timeout in these tests (--dm-timeout)
-TEMP_MARKS = (".dmpart-", ".dm-staging-")  # names of DM's temporary files and directories
+TEMP_MARKS = (".dmpart-",)  # what names of DM's temporary files hold
 
 #: figures for the README: faults injected and survived, copies compared byte for byte
 TALLY: Counter[str] = Counter()
@@ -100,7 +100,7 @@ def write_file(path: Path, size: int) -> None:
 
 
 def temp_files(root: Path) -> list[Path]:
-    """DM's temporary files and staging directories anywhere under root."""
+    """DM's temporary files anywhere under root."""
     return [p for p in root.rglob("*") if any(m in p.name for m in TEMP_MARKS)]
 
 

@@ -14,7 +14,6 @@ import hashlib
 import itertools
 import os
 import re
-import shutil
 import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -231,20 +230,16 @@ def _sync_file_systems(directories: set[Path]) -> None:
             os.close(fd)
 
 
-#: names of stage_file's temporary files and of directory-mode uploads' staging trees
-_LEFTOVER = re.compile(r"\..+\.dmpart-[0-9a-f]{8}|\.dm-staging-[0-9a-f-]{36}")
+#: names of stage_file's temporary files
+_LEFTOVER = re.compile(r"\..+\.dmpart-[0-9a-f]{8}")
 
 
 def remove_leftovers(root: Path) -> int:
-    """Delete the temporary files and staging trees under root that copies cut short by a
-    crash (SIGKILL, power loss) left behind; return how many. Only safe while no transfer
-    writes under root, i.e. when the service starts."""
+    """Delete the temporary files under root that copies cut short by a crash (SIGKILL,
+    power loss) left behind; return how many. Only safe while no transfer writes under
+    root, i.e. when the service starts."""
     removed = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [d for d in dirnames if _LEFTOVER.fullmatch(d)]:
-            dirnames.remove(name)
-            shutil.rmtree(os.path.join(dirpath, name), ignore_errors=True)
-            removed += 1
+    for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
             if _LEFTOVER.fullmatch(name):
                 with contextlib.suppress(FileNotFoundError):

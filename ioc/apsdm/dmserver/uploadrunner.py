@@ -1,8 +1,8 @@
 """Upload runs of the embedded DM service: copy a tree (or one file of it) into an experiment once.
 
-``processingMode`` "files" copies file by file and counts each; "directory" copies the whole
-tree into a hidden staging directory first and moves it into place only if every file
-copied, so the counters jump at once (under ``skipTransfer`` nothing is copied: both modes
+``processingMode`` "files" copies file by file and counts each; "directory" copies every file
+under a hidden temporary name first and gives them their names only if every file copied,
+so the counters jump at once (under ``skipTransfer`` nothing is copied: both modes
 take the files where they are). Files already copied (same size and mtime) are
 skipped unless ``reprocessFiles`` is set, which also makes a resumed upload idempotent.
 """
@@ -10,9 +10,8 @@ skipped unless ``reprocessFiles`` is set, which also makes a resumed upload idem
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -25,12 +24,11 @@ from .copying import (
     SourceChanged,
     Staged,
     TransferFailed,
+    commit,
     describe,
     discard,
-    fsync_dir,
     list_files,
     stage_file,
-    sync_staged,
 )
 from .transfer import ERROR, PARALLEL_BATCHES, WAITING, Transfer
 
@@ -76,33 +74,65 @@ def _files(transfer: Transfer) -> list[str]:
 
 
 async def _copy_tree(transfer: Transfer, files: list[str], reprocess: bool) -> None:
-    """Directory mode: all files into a staging tree, synced once, then all moved into
-    place, each step a few threads at once; nothing is counted before every file is there."""
-    staging = transfer.target / f".dm-staging-{transfer.id}"
-    parts = [files[i::PARALLEL_BATCHES] for i in range(PARALLEL_BATCHES)]
+    """Directory mode: every file staged beside its final name under a hidden temporary
+    name (a few threads at once), then one sync, the renames and one fsync per directory:
+    nothing is in place under its name, or counted, before every file has been copied."""
+    made = await asyncio.to_thread(_directories, transfer, files)
     try:
-        done = await _in_threads(
-            [functools.partial(_stage, transfer, part, staging, reprocess) for part in parts],
-            undo=lambda done: discard(item for part in done for item in part.values()))
-        staged = {rel: item for part in done for rel, item in part.items()}
-        try:
-            await asyncio.to_thread(sync_staged, list(staged.values()))
-        except OSError as exc:
-            raise TransferFailed(describe(exc)) from None
-        # a directory's renames in one thread (they share its lock), directories spread out
-        by_directory: dict[Path, list[tuple[str, Staged]]] = {}
-        for rel, item in staged.items():
-            by_directory.setdefault((transfer.target / rel).parent, []).append((rel, item))
-        groups = list(by_directory.items())
-        await _in_threads([functools.partial(_move_into_place, transfer, groups[i::PARALLEL_BATCHES])
-                           for i in range(PARALLEL_BATCHES)])
-    finally:
-        await asyncio.to_thread(shutil.rmtree, staging, True)
+        staged = await _stage_all(transfer, files, reprocess)
+    except BaseException:
+        await asyncio.to_thread(_remove_empty, made)
+        raise
     transfer.record_all([(rel, staged[rel].size, staged[rel].md5)
                          for rel in files if rel in staged])
     for rel in files:
         if rel not in staged:
             await transfer.found_copied(rel)
+
+
+async def _stage_all(transfer: Transfer, files: list[str], reprocess: bool
+                     ) -> dict[str, Staged]:
+    """Stage every file (a few threads at once), then sync them and give them their names;
+    the first failure fails the upload."""
+    parts = [files[i::PARALLEL_BATCHES] for i in range(PARALLEL_BATCHES)]
+    done = await _in_threads(
+        [functools.partial(_stage, transfer, part, reprocess) for part in parts],
+        undo=lambda done: discard(item for part in done for item in part.values()))
+    staged = {rel: item for part in done for rel, item in part.items()}
+    try:
+        failures = await asyncio.to_thread(commit, list(staged.values()))
+    except OSError as exc:  # the sync failed: the staged copies are gone
+        raise TransferFailed(describe(exc)) from None
+    for rel, error in zip(staged, failures, strict=True):
+        if error is not None:
+            raise TransferFailed(f"cannot move {rel} into place: {describe(error)}")
+    return staged
+
+
+def _directories(transfer: Transfer, files: list[str]) -> list[Path]:
+    """Make the destination directories the files need, each checked to stay in the
+    experiment's storage; return those made (parents first), to remove if nothing comes."""
+    first_file = {}  # each destination directory, named by a file that goes in it
+    for rel in files:
+        first_file.setdefault((transfer.target / rel).parent, transfer.target / rel)
+    made: list[Path] = []
+    for directory in sorted(first_file):
+        if transfer.leaves_storage(first_file[directory]):
+            raise TransferFailed(f"{directory} leads out of the experiment directory")
+        missing = [d for d in (directory, *directory.parents) if not d.exists()]
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise TransferFailed(f"cannot make {directory}: {describe(exc)}") from None
+        made += reversed(missing)
+    return made
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """Remove the directories an upload made, deepest first, where it left them empty."""
+    for directory in reversed(made):
+        with contextlib.suppress(OSError):
+            directory.rmdir()
 
 
 async def _in_threads(jobs: list[Callable[[], T]],
@@ -119,15 +149,16 @@ async def _in_threads(jobs: list[Callable[[], T]],
     return done
 
 
-def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
-           ) -> dict[str, Staged]:
-    """Copy the files not yet in place into the staging tree; any failure fails the upload."""
+def _stage(transfer: Transfer, files: list[str], reprocess: bool) -> dict[str, Staged]:
+    """Copy the files not yet in place beside their final names; any failure fails the
+    upload (and removes what this thread staged)."""
     staged: dict[str, Staged] = {}
     try:
         for rel in files:
+            dst = transfer.target / rel
             try:
-                item = stage_file(transfer.source / rel, staging / rel, transfer.abort,
-                                  unless_copied_to=None if reprocess else transfer.target / rel)
+                item = stage_file(transfer.source / rel, dst, transfer.abort,
+                                  unless_copied_to=None if reprocess else dst)
             except SourceChanged:
                 raise TransferFailed(f"{rel} changed while it was being copied") from None
             except OSError as exc:
@@ -138,23 +169,3 @@ def _stage(transfer: Transfer, files: list[str], staging: Path, reprocess: bool
         discard(staged.values())
         raise
     return staged
-
-
-def _move_into_place(transfer: Transfer, groups: list[tuple[Path, list[tuple[str, Staged]]]]
-                     ) -> None:
-    """Move synced staged copies to their final names, directory by directory (renames within
-    one file system), then make each directory's names durable (one fsync)."""
-    for directory, items in groups:
-        rel = items[0][0]
-        if transfer.leaves_storage(transfer.target / rel):  # it checks the file's directory
-            raise TransferFailed(f"{directory} leads out of the experiment directory")
-        try:
-            directory.mkdir(parents=True, exist_ok=True)
-            for rel, item in items:
-                os.replace(item.tmp, transfer.target / rel)
-        except OSError as exc:
-            raise TransferFailed(f"cannot move {rel} into place: {describe(exc)}") from None
-        try:
-            fsync_dir(directory)
-        except OSError as exc:
-            raise TransferFailed(f"cannot make the names durable: {describe(exc)}") from None
