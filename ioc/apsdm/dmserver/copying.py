@@ -17,10 +17,12 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 _CHUNK = 1 << 20
+_OVERLAP_BYTES = 8 << 20  # from this size on, a file is hashed and written in two threads
 
 FileStat = tuple[int, int]  # (size, mtime_ns): a file's version
 
@@ -135,21 +137,52 @@ def _create(path: Path) -> int:
 
 def _copy_data(fin: int, fout: int, size_hint: int, abort: threading.Event, src: Path
                ) -> tuple[int, str]:
-    """Copy fin to fout in one read pass that also feeds the md5; return (size, md5)."""
+    """Copy fin to fout in one read pass that also feeds the md5; return (size, md5).
+
+    A large file's chunks are written (and their write-back to disk started) by a second
+    thread while this one hashes them: md5 and write each let go of the GIL, so on two CPUs
+    the copy takes about as long as the md5 alone, and the sync at commit finds little left.
+    """
     digest = hashlib.md5(usedforsecurity=False)
-    view = memoryview(bytearray(min(_CHUNK, size_hint + 1)))
+    large = size_hint >= _OVERLAP_BYTES
+    buffers = [memoryview(bytearray(min(_CHUNK, size_hint + 1))) for _ in range(1 + large)]
     size = 0
-    while n := os.readv(fin, [view]):
-        if abort.is_set():
-            raise CopyAborted(str(src))
-        digest.update(view[:n])
-        written = 0
-        while written < n:
-            written += os.write(fout, view[written:n])
-        size += n
-        if size >= size_hint:  # all it held when opened: growth shows in the version check
-            break
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(ThreadPoolExecutor(1, "dm-copy")) if large else None
+        writing: Future[None] | None = None
+        for view in itertools.cycle(buffers):
+            n = os.readv(fin, [view])
+            if not n:
+                break
+            if abort.is_set():
+                raise CopyAborted(str(src))
+            if writer is None:
+                _write_all(fout, view[:n])
+            else:  # the other buffer's chunk is written before this one's write starts
+                if writing is not None:
+                    writing.result()
+                writing = writer.submit(_write_back, fout, view[:n], size)
+            digest.update(view[:n])
+            size += n
+            if size >= size_hint:  # all it held when opened: growth shows in the version check
+                break
+        if writing is not None:
+            writing.result()
     return size, digest.hexdigest()
+
+
+def _write_all(fout: int, data: memoryview) -> None:
+    written = 0
+    while written < len(data):
+        written += os.write(fout, data[written:])
+
+
+def _write_back(fout: int, data: memoryview, offset: int) -> None:
+    """Write a chunk of a large file (which starts at ``offset``) and start its write-back
+    to disk (sync_file_range without waiting), so that the commit's sync is short."""
+    _write_all(fout, data)
+    if _sync_file_range is not None:
+        _sync_file_range(fout, offset, len(data), _SYNC_FILE_RANGE_WRITE)
 
 
 def discard(staged: Iterable[Staged]) -> None:
@@ -208,6 +241,10 @@ def fsync_dir(directory: Path) -> None:
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syncfs = getattr(_libc, "syncfs", None)
+_sync_file_range = getattr(_libc, "sync_file_range", None)  # Linux: start write-back
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2  # <fcntl.h>: start writing the range's dirty pages, do not wait
 
 
 def _sync_file_systems(directories: set[Path]) -> None:
