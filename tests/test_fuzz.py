@@ -447,11 +447,16 @@ class Fuzzer:
         own record shows no InvalidArgument answer and no call but the ``allowed`` ones."""
         wait_until(lambda: self.raw.get(self.ioc.pv("Status:Heartbeat_RBV"))["value"]
                    > self.heartbeat, 5, "heartbeat")
-        saved = json.loads((self.ioc.data_root / "ioc-state.json").read_text())["settings"]
-        for pv in self.pvs:
-            key = pv.name[len(self.ioc.prefix):]
-            if pv.field.autosave and key in saved:
-                assert saved[key] == self.read(pv), f"saved {key} differs from the PV"
+
+        def unsaved() -> list[str]:
+            saved = json.loads((self.ioc.data_root / "ioc-state.json").read_text())["settings"]
+            return [key for pv in self.pvs if pv.field.autosave
+                    and (key := pv.name[len(self.ioc.prefix):]) in saved
+                    and saved[key] != self.read(pv)]
+        try:  # settings are saved soon after they change (persist.SAVE_DELAY)
+            wait_until(lambda: not unsaved(), 5)
+        except AssertionError:
+            raise AssertionError(f"saved settings differ from their PVs: {unsaved()}") from None
         codes: Counter[str] = Counter()
         for method, target, code in re.findall(
                 r'apsdm\.dmserver\.access: \S+ "(\S+) (\S+) HTTP/[\d.]+" \d+ \S+ dm=(\S+)',

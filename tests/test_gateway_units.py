@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from fake_dm import FakeDm
 from apsdm.dm import Experiment, InvalidArgument, NoAnswer
 from apsdm.gateway.commands import Commands
 from apsdm.gateway.hub import MINOR, OK, STATUS_COMM, Hub, PutRejected, Writer
-from apsdm.gateway.persist import Persistence
+from apsdm.gateway.persist import SAVE_DELAY, Persistence
 from apsdm.gateway.poller import Poller
 from apsdm.gateway.publisher import Publisher
 from apsdm.gateway.schema import PV, Field, Kind, Layout, Record, build, of
@@ -77,6 +78,7 @@ async def running(tmp_path: Path, dm: FakeDm | None = None) -> AsyncIterator[Gat
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        await gw.state.flush()  # as apsdm-ioc does when it stops
 
 
 def scenario(test: Callable[[Path], Awaitable[None]]) -> Callable[[Path], None]:
@@ -113,6 +115,7 @@ async def test_selection_shows_the_experiment_and_is_kept(tmp_path: Path) -> Non
         assert (gw["Experiment:Name_RBV"], gw["Experiment:Description_RBV"]) == ("exp1", "beam time")
         assert (gw["Experiment:Users_RBV"], gw["Experiment:Valid_RBV"]) == ("d1,d2", 1)
         assert gw["Experiment:DataDirectory_RBV"] == "/data/exp1"
+        await gw.state.flush()
         saved = json.loads((tmp_path / "ioc-state.json").read_text())
         assert saved["settings"]["Experiment:Name"] == "exp1"
         await gw.put("Experiment:Name", "")
@@ -169,6 +172,7 @@ async def test_good_settings_are_normalised_saved_and_restored(tmp_path: Path) -
     await gw.put("WF2:Owner", "alice")
     await gw.put("Stream:Bluesky", {"state": "ready", "message": "", "counter": 1})
     assert gw["Stream:Bluesky"]["timestamp"] > 0
+    await gw.state.flush()  # as apsdm-ioc does when it stops
     again = Gateway(FakeDm(), tmp_path / "s.json")
     await again.commands.restore()
     assert again["DAQ1:DataDirectory"] == "/data/a/b" and again["WF2:Owner"] == "alice"
@@ -422,3 +426,85 @@ async def test_a_new_readback_is_one_schema_line(tmp_path: Path) -> None:
     assert hub[extra.name] == "8-ID-I"
     await state.select("", None)
     assert hub[extra.name] == extra.field.initial
+
+
+# --- what is kept for restarts -------------------------------------------------------------
+
+class CountedWrites(Persistence):
+    """Persistence that counts its file writes and can hold them up."""
+
+    writes = 0
+
+    def _write(self, number: int, text: str) -> None:
+        super()._write(number, text)
+        self.writes += 1
+
+
+def saved(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+@scenario
+async def test_settings_are_saved_soon_in_one_write_and_ids_at_once(tmp_path: Path) -> None:
+    """A burst of setting writes is one file write, SAVE_DELAY later; an id is on disk
+    before ``save`` returns, with every setting changed so far."""
+    keep = CountedWrites(tmp_path / "s.json")
+    for i in range(50):
+        keep.settings["WF1:Args"] = str(i)
+        keep.save_soon()
+    assert not keep.path.exists()
+    await asyncio.sleep(SAVE_DELAY * 3)
+    assert keep.writes == 1 and saved(keep.path)["settings"]["WF1:Args"] == "49"
+    keep.settings["WF1:Args"] = "last"
+    keep.save_soon()
+    keep.ids["WF1"] = "job-1"
+    keep.save()
+    assert saved(keep.path)["ids"] == {"WF1": "job-1"}
+    assert saved(keep.path)["settings"]["WF1:Args"] == "last"
+    await asyncio.sleep(SAVE_DELAY * 3)
+    assert keep.writes == 2  # the write to come was part of save's
+
+
+@scenario
+async def test_an_older_state_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    """A worker thread's write held up until a newer state was taken: whichever of the two
+    writes runs last, the file ends with the newer state."""
+    keep = Persistence(tmp_path / "s.json")
+    keep.settings["WF1:Args"] = "older"
+    with keep._lock:  # the worker thread takes "older", then waits here
+        keep.save_soon()
+        await asyncio.sleep(SAVE_DELAY * 2)
+        keep.settings["WF1:Args"] = "newer"
+        newer = asyncio.ensure_future(asyncio.to_thread(keep.save))
+        await asyncio.sleep(0.1)
+    await newer
+    await keep.flush()
+    assert saved(keep.path)["settings"]["WF1:Args"] == "newer"
+
+
+@scenario
+async def test_a_failed_save_is_logged_once_and_retried(tmp_path: Path) -> None:
+    """A setting that cannot be written (here: its directory's place is taken by a file)
+    is logged as an error once, and written as soon as it can be."""
+    blocker = tmp_path / "state"
+    blocker.write_text("in the way")
+    keep = Persistence(blocker / "s.json")
+    keep.settings["DAQ1:DataDirectory"] = "/data/a"
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("apsdm.gateway.persist")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        keep.save_soon()
+        await asyncio.sleep(SAVE_DELAY * 4.5)
+        assert len(records) == 1 and "settings not saved" in records[0], records
+        blocker.unlink()
+        await asyncio.sleep(SAVE_DELAY * 2.5)
+        assert saved(keep.path)["settings"]["DAQ1:DataDirectory"] == "/data/a"
+        assert "saved" in records[-1] and "again" in records[-1], records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -41,6 +41,8 @@ from caproto import (
     ReadNotifyRequest,
     ReadNotifyResponse,
     ReadRequest,
+    WriteNotifyRequest,
+    WriteRequest,
     native_float_types,
     native_type,
     native_types,
@@ -406,7 +408,8 @@ def _channel(pv: PV, hub: Hub) -> Any:
 # that the overrides below avoid (issue 12, Speed): a task and a timer per get for a
 # write-lock wait that is nearly always free, each get converted anew, each monitor
 # update encoded, checked and run through the circuit's state machine once per
-# subscriber, a wait_for per queued update, and a turn of the event loop per command.
+# subscriber, a wait_for per queued update, a turn of the event loop per command, and a
+# task, two passes of the state machine and a response object per write.
 CAPROTO_CONTRACT = {
     "caproto.server.common.VirtualCircuit._process_command": "89a0a95c53667d18",
     "caproto.server.common.VirtualCircuit.command_queue_loop": "8c2d5e3a641ad40b",
@@ -436,6 +439,7 @@ CAPROTO_CONTRACT = {
     "caproto._data.ChannelData.publish": "9137bfaec8830c62",
     "caproto._data.ChannelData.write_from_dbr": "0c24f87816c10b15",
     "caproto._data.ChannelData.auth_write": "aa62a7a715e965a2",
+    "caproto._circuit.ServerChannel.write": "c9b51e125fd71eac",
 }
 
 
@@ -471,12 +475,45 @@ class _ReleasingCircuit(VirtualCircuit):
             await self.send(*answer)
 
     async def _command_queue_iteration(self, command: Any) -> Any:
-        """A get of an unchanged value is answered before caproto's channel state machine
-        (which a get leaves as it was) sees it."""
+        """A get of an unchanged value, and a write of a setting, are answered before
+        caproto's channel state machine (which neither moves) sees them."""
         self._busy = True
-        if type(command) is ReadNotifyRequest and (answer := self.answer_from_cache(command)):
+        kind = type(command)
+        if kind is ReadNotifyRequest and (answer := self.answer_from_cache(command)):
             return answer
+        if kind in (WriteNotifyRequest, WriteRequest) and (chan := self._setting_channel(command)):
+            return await self._write_setting(command, *chan)
         return await super()._command_queue_iteration(command)
+
+    def _setting_channel(self, command: Any) -> tuple[Any, Any] | None:
+        """The channel and PV of a write that is answered at once: a setting (no command
+        runs, so the hub is done with it quickly), not a record field nor ``$`` view, while
+        no other write of this client is under way (so writes end in the order sent)."""
+        if not self.write_event.is_set() or (chan := self._connected(command)) is None:
+            return None
+        entry = self.context.pvdb.get(chan.name)
+        pv = getattr(entry, "pv", None)
+        if pv is None or pv.field.command or pv.field.kind is Kind.BUSY:
+            return None
+        return chan, entry
+
+    async def _write_setting(self, command: Any, chan: Any, entry: Any) -> list[Any] | None:
+        """caproto's write (its task, the state machine on the way in and out, a response
+        built per write) without what costs most and does nothing for a setting: the value
+        goes through the same access check and conversion to the hub, and the answer is
+        the one caproto sends, written straight to the socket."""
+        try:
+            status = await entry.auth_write(
+                self.client_hostname, self.client_username, command.data, command.data_type,
+                command.metadata, user_address=self.circuit.address)
+        except Exception as exc:  # as caproto answers a failed write
+            return [ErrorResponse(command, chan.cid, status=CAStatus.ECA_PUTFAIL,
+                                  error_message=f"Python exception: {type(exc).__name__} {exc}")]
+        if type(command) is WriteNotifyRequest:
+            response = chan.write(ioid=command.ioid, status=True if status is None else status,
+                                  data_count=entry.length)
+            await self._send_raw(memoryview(response.header), *response.buffers)
+        return None
 
     async def _wake_new_command(self) -> None:
         """caproto's command loop calls this once a command is answered."""
@@ -511,6 +548,14 @@ class _ReleasingCircuit(VirtualCircuit):
         finally:
             requested_count.reset(token)
 
+    def _connected(self, command: Any) -> Any:
+        """The channel a request names, if it is connected (else caproto's state machine
+        answers the request)."""
+        chan = self.circuit.channels_sid.get(command.sid)
+        if chan is None or any(state is not CONNECTED for state in chan.states.states.values()):
+            return None
+        return chan
+
     def _cache_key(self, chan: Any, command: Any) -> tuple[str, int, int] | None:
         """What a cached answer to ``command`` is filed under; None: not cacheable (a
         timestamp filter stamps each read anew, an old client's counts differ)."""
@@ -523,11 +568,8 @@ class _ReleasingCircuit(VirtualCircuit):
         """The bytes answering a get of an unchanged value, with this request's ioid; None
         when there are none, or a client write is under way (caproto then lets the write
         finish first)."""
-        if not self.write_event.is_set():
+        if not self.write_event.is_set() or (chan := self._connected(command)) is None:
             return None
-        chan = self.circuit.channels_sid.get(command.sid)
-        if chan is None or any(state is not CONNECTED for state in chan.states.states.values()):
-            return None  # caproto's state machine answers it
         entry = self.context.pvdb.get(chan.name)
         if entry is None:  # a record field (PV.DESC): caproto's lookup of the record
             try:

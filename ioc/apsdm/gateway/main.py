@@ -206,6 +206,7 @@ async def run(args: argparse.Namespace) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
     pva.stop()
     await ca.stop()
+    await state.flush()
     await dm.close()
     if service is not None:
         await service.stop()

@@ -242,9 +242,13 @@ class DmState:
         self._persist.save()
 
     def save_setting(self, key: str, value: Any) -> None:
-        """Keep a setting for restarts (autosave)."""
+        """Keep a setting for restarts (autosave: on disk within persist.SAVE_DELAY)."""
         self._persist.settings[key] = value
-        self._persist.save()
+        self._persist.save_soon()
+
+    async def flush(self) -> None:
+        """Put every kept setting on disk (at shutdown)."""
+        await self._persist.flush()
 
     def set_owner(self, slot: str, owner: str) -> None:
         """A workflow slot's Owner setting: its jobs are listed from the next poll."""
