@@ -202,7 +202,10 @@ class DaqRunner:
     async def _pause(self, next_scan: float | None) -> None:
         """Sleep one tick, then until an event, a stable-file check, the end of the rescan
         under way, or (None: none under way) the next rescan."""
-        await asyncio.sleep(TICK_SECONDS)
+        if self._listing is not None:  # its end is news at once, not after a tick
+            await asyncio.wait([self._listing], timeout=TICK_SECONDS)
+        else:
+            await asyncio.sleep(TICK_SECONDS)
         if (self._waiting or self._dirty or self._rescan or self.transfer.abort.is_set()
                 or (self._listing is not None and self._listing.done())):
             return

@@ -204,12 +204,15 @@ class Transfer:
 
     async def copy_all(self, files: Sequence[Wanted], skip_copied: bool = True) -> list[str]:
         """Copy files in batches, a few at once, and record each outcome; return the files
-        that were not the version expected (neither copied nor counted)."""
+        that were not the version expected (neither copied nor counted). A batch is recorded
+        (catalogued and counted, on the event loop) while the next one copies."""
         gate = asyncio.Semaphore(PARALLEL_BATCHES)
 
         async def one(batch: list[Wanted]) -> list[str]:
             async with gate:
-                return await self._copy_batch(batch, skip_copied)
+                outcome = await self._copy_batch(batch, skip_copied)
+            await asyncio.sleep(0)  # the next batch, let through the gate, starts its copy first
+            return await self._record(batch, outcome)
 
         results = await asyncio.gather(*(one(batch) for batch in _batches(files)),
                                        return_exceptions=True)
@@ -220,12 +223,14 @@ class Transfer:
             changed += result
         return changed
 
-    async def _copy_batch(self, batch: list[Wanted], skip_copied: bool) -> list[str]:
-        """Copy one batch (one sync for all), then catalogue and count it in one go."""
+    async def _copy_batch(self, batch: list[Wanted], skip_copied: bool) -> _Outcome:
+        """Copy one batch, in a worker thread (one sync for all)."""
         if flag(self.doc, "skipTransfer", False):
-            outcome = await asyncio.to_thread(self._in_place, batch)
-        else:
-            outcome = await asyncio.to_thread(self._stage_and_commit, batch, skip_copied)
+            return await asyncio.to_thread(self._in_place, batch)
+        return await asyncio.to_thread(self._stage_and_commit, batch, skip_copied)
+
+    async def _record(self, batch: list[Wanted], outcome: _Outcome) -> list[str]:
+        """Catalogue and count a copied batch in one go; return the files that changed."""
         versions = dict(batch)
         self._set_all([(rel, ERROR, error) for rel, error in outcome.errors], versions)
         self.record_all(outcome.copied, versions)
