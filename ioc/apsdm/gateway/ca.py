@@ -56,6 +56,7 @@ from caproto.server.common import DisconnectedCircuit
 
 from .db_template import PREC, RECORD_TYPES
 from .hub import Alarm, Hub, PutRejected, Writer, current_writer, fit
+from .memory import give_back_soon
 from .schema import PV, STRING, Kind
 
 log = logging.getLogger(__name__)
@@ -440,6 +441,7 @@ CAPROTO_CONTRACT = {
     "caproto._data.ChannelData.write_from_dbr": "0c24f87816c10b15",
     "caproto._data.ChannelData.auth_write": "aa62a7a715e965a2",
     "caproto._circuit.ServerChannel.write": "c9b51e125fd71eac",
+    "caproto.server.common.Context.circuit_disconnected": "6f52c1cc2a058783",
 }
 
 
@@ -712,8 +714,8 @@ class _WriteDone(AsyncioEvent):
 
 class _NoDelayContext(Context):
     """caproto's context with TCP_NODELAY on client sockets (else 40 ms put stalls),
-    whose circuits release monitor updates once sent, and whose update loop outlives
-    clients that leave in mid-burst."""
+    whose circuits release monitor updates once sent, whose update loop outlives clients
+    that leave in mid-burst, and which has the heap give back what clients that left held."""
 
     CircuitClass = _ReleasingCircuit
 
@@ -747,6 +749,11 @@ class _NoDelayContext(Context):
                     parts = encoded[count] = (size, buffers)
                 await circuit.line_up(spec, each, _Update(*parts, each.data_type, count,
                                                           each.subscriptionid))
+
+    async def circuit_disconnected(self, circuit: Any) -> None:
+        """A client left: what it held is freed; have the heap give it back soon."""
+        await super().circuit_disconnected(circuit)
+        give_back_soon()
 
     async def server_accept_loop(self, sock: socket.socket) -> None:
         """caproto binds its listening socket with proto=0, so asyncio never sets

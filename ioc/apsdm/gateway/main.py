@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
-import ctypes.util
 import logging
 import os
 import re
@@ -21,6 +19,7 @@ from apsdm.dm import DmClient, DmConfig
 from .ca import CaServer
 from .commands import Commands
 from .hub import AccessList, Hub
+from .memory import bound_malloc_arenas
 from .persist import Persistence
 from .poller import Poller
 from .publisher import Publisher
@@ -210,20 +209,6 @@ async def run(args: argparse.Namespace) -> None:
     await dm.close()
     if service is not None:
         await service.stop()
-
-
-M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
-
-
-def bound_malloc_arenas(arenas: int = 2) -> None:
-    """Cap glibc's malloc arenas (unless MALLOC_ARENA_MAX says otherwise): each thread that
-    allocates (DM I/O, p4p, caproto) may get an arena of its own, and RSS then grows in
-    steps of arenas that are never given back; an IOC that runs for months keeps a few."""
-    if "MALLOC_ARENA_MAX" in os.environ or not (name := ctypes.util.find_library("c")):
-        return
-    libc = ctypes.CDLL(name)
-    if hasattr(libc, "mallopt"):  # glibc; musl and others have no arenas to cap
-        libc.mallopt(M_ARENA_MAX, arenas)
 
 
 def event_loop() -> asyncio.AbstractEventLoop:
