@@ -41,7 +41,8 @@ class DaqRunner:
         self._closed: set[str] = set()  # of those, the ones their writer closed
         self._trees: set[str] = set()  # directories that appeared since the last pass
         self._rescan = True
-        self._listing: asyncio.Task[dict[str, tuple[FileStat, float]]] | None = None  # a rescan's
+        # the rescan under way: the files it found unhandled, and when the next one is due
+        self._listing: asyncio.Task[tuple[dict[str, tuple[FileStat, float]], float]] | None = None
         self._wake = asyncio.Event()
         self._stop_at: float | None = None
 
