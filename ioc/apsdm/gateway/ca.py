@@ -299,15 +299,13 @@ class _GatewayChannel:
             await self.hub.refused(self.pv, refusal, current_writer.get() or Writer("ca", "", ""))
             raise refusal from None
 
-    async def write(self, value: Any, *, verify_value: bool = True, **kwargs: Any) -> Any:
-        """The hub showing a value (``verify_value=False``), or a client write for the hub.
+    async def write(self, value: Any, **_kwargs: Any) -> Any:
+        """A client write, for the hub (which shows values through :meth:`_store`).
 
-        A client write goes to the hub alone, which checks, stores and publishes it;
-        caproto's ``write`` would mark a refusal WRITE/MAJOR on this PV, where the
-        design says STATE/MINOR on the slot's Message_RBV (the hub posts that).
+        It goes to the hub alone, which checks, stores and publishes it; caproto's
+        ``write`` would mark a refusal WRITE/MAJOR on this PV, where the design says
+        STATE/MINOR on the slot's Message_RBV (the hub posts that).
         """
-        if not verify_value:
-            return await super().write(value, verify_value=False, **kwargs)  # type: ignore[misc]
         writer = current_writer.get() or Writer("ca", "", "")
         await self.hub.put(self.pv.name, self.preprocess_value(value), writer)  # type: ignore[attr-defined]
 
