@@ -19,6 +19,7 @@ import pytest
 from conftest import Ioc, make_ioc
 from test_ioc import MINOR, STATE, add_workflow, alarm, caget, caput, wait_until
 
+from apsdm.gateway.memory import TRIM_DELAY
 from apsdm.gateway.schema import Layout, build
 
 # libca through pyepics in a fresh process, with libca's own exception handler (as caget
@@ -182,9 +183,10 @@ def test_short_lived_ca_clients_leave_memory_flat(ioc: Ioc) -> None:
         if clients % 64 == 0:
             # measured once the IOC has closed the circuits of the clients gone (1 s on a
             # quiet machine; in CI, under load, RSS read after a fixed 1 s still held some)
+            # and its heap has given their memory back (memory.TRIM_DELAY after they left)
             wait_until(lambda: circuits() <= before, 60,
                        "the IOC closed the circuits of the clients gone")
-            time.sleep(1)
+            time.sleep(TRIM_DELAY + 1)  # and has given back what they held
             rss[clients] = round(process.memory_info().rss / 1e6, 1)
     print(f"IOC RSS (MB) by short-lived CA clients: {rss}")
     assert rss[256] - rss[64] <= 10, rss
