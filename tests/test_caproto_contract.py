@@ -3,6 +3,7 @@ against: an upgrade that changes one fails here, by name, instead of breaking th
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib
 import inspect
@@ -32,3 +33,31 @@ def test_overridden_caproto_method_is_unchanged(path: str) -> None:
 
 def test_caproto_is_the_pinned_minor_release() -> None:
     assert version("caproto").startswith("1.3."), "ca.py was checked against caproto 1.3"
+
+
+def test_received_bytes_are_offered_to_the_circuit_before_caproto_reads_them() -> None:
+    """The CA layer's get fast path (ca._CaReader) rests on asyncio's stream protocol
+    handing each received chunk to its reader's feed_data, and on the reader's _buffer."""
+    asyncio.run(_offer_three_chunks())
+
+
+async def _offer_three_chunks() -> None:
+    from apsdm.gateway.ca import _CaReader
+
+    offered: list[bytes] = []
+
+    def answer(data: bytes) -> int:
+        offered.append(data)
+        return 16 if data.startswith(b"get") else 0  # "answered" the first 16 bytes
+
+    reader = _CaReader()
+    reader.answer = answer
+    protocol = asyncio.StreamReaderProtocol(reader)
+    protocol.data_received(b"get".ljust(16) + b"write")
+    protocol.data_received(b"get".ljust(16))  # behind bytes not yet read: not offered
+    assert offered == [b"get".ljust(16) + b"write"]
+    assert await reader.read(100) == b"write" + b"get".ljust(16)
+    protocol.data_received(b"get".ljust(16))  # all read: offered, answered, nothing kept
+    assert len(offered) == 2
+    protocol.eof_received()
+    assert await reader.read(100) == b""

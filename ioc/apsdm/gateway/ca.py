@@ -15,7 +15,9 @@ import logging
 import math
 import re
 import socket
+import struct
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy
@@ -53,6 +55,7 @@ from caproto._dbr import DbrStringArray, _LongStringChannelType
 from caproto._headers import EventAddResponseHeader
 from caproto._status import ensure_eca_value
 from caproto.asyncio.server import AsyncioEvent, Context, VirtualCircuit
+from caproto.asyncio.utils import _TransportWrapper
 from caproto.server.common import DisconnectedCircuit
 
 from .db_template import PREC, RECORD_TYPES
@@ -107,7 +110,7 @@ class _RsrvReads(ChannelData):
         super().__init__(*args, **kwargs)
         # the encoded answers to reads of the current value: (channel name, DBR type,
         # count) -> (header up to the ioid, header after it, payload); a get of an
-        # unchanged PV is then one dict lookup (see _ReleasingCircuit.answer_from_cache)
+        # unchanged PV is then one dict lookup (see _ReleasingCircuit._cached)
         self.answers: dict[tuple[str, int, int], tuple[bytes, bytes, bytes]] = {}
         self.version = 0  # counts changes; an answer read before a change is not kept
 
@@ -461,6 +464,9 @@ CAPROTO_CONTRACT = {
     "caproto._circuit.ServerChannel.write": "c9b51e125fd71eac",
     "caproto.server.common.Context.circuit_disconnected": "6f52c1cc2a058783",
     "caproto._data.ChannelAlarm.write": "5694ce2f94f99fd2",
+    "caproto._circuit.VirtualCircuit.recv": "f9342c0eb9b86f6e",
+    "caproto.asyncio.utils._TransportWrapper.__init__": "d3843c5fca2603ca",
+    "caproto.asyncio.utils._TransportWrapper.recv": "a898577c86343c76",
 }
 
 
@@ -478,30 +484,37 @@ class _ReleasingCircuit(VirtualCircuit):
         super().__init__(*args, **kwargs)
         self.write_event = _WriteDone()
         self._busy = False  # the command loop is between taking a command and its answer
+        self.client.reader.answer = self.answer_at_once
 
-    async def recv(self) -> None:
-        """caproto's receive, which queues each command for the command loop; then the
-        gets of unchanged values at the front of the queue are answered at once while that
-        loop is idle (so in order): a get no longer waits a turn of the event loop."""
-        await super().recv()
-        queue = self.command_queue
-        while not self._busy and not queue.empty():
-            command = queue._queue[0]  # type: ignore[attr-defined]  # asyncio.Queue's deque
-            if type(command) is not ReadNotifyRequest:
+    def answer_at_once(self, data: bytes) -> int:
+        """Answer the gets of unchanged values at the front of ``data`` (just received)
+        straight from the socket's receive callback, while nothing of this client is
+        waiting or under way (so in order); returns how many bytes that took. A get then
+        costs no task switch, no queue and no command object."""
+        transport = self.client.writer.transport
+        if (self._busy or not self.command_queue.empty() or self.circuit._data
+                or transport.is_closing() or transport.get_write_buffer_size()):
+            return 0  # in line behind something, or the client is not reading: caproto's way
+        answers, end = [], 0
+        while end + 16 <= len(data):
+            command, size, data_type, count, sid, ioid = _HEADER.unpack_from(data, end)
+            if command != _READ_NOTIFY or size or (
+                    answer := self._cached(sid, data_type, count, ioid)) is None:
                 break
-            answer = self.answer_from_cache(command)
-            if answer is None:
-                break
-            queue.get_nowait()
-            await self.send(*answer)
+            answers.append(answer)
+            end += 16
+        if answers:
+            transport.write(b"".join(answers))
+        return end
 
     async def _command_queue_iteration(self, command: Any) -> Any:
         """A get of an unchanged value, and a write of a setting, are answered before
         caproto's channel state machine (which neither moves) sees them."""
         self._busy = True
         kind = type(command)
-        if kind is ReadNotifyRequest and (answer := self.answer_from_cache(command)):
-            return answer
+        if kind is ReadNotifyRequest and (answer := self._cached(
+                command.sid, command.data_type, command.data_count, command.ioid)):
+            return [answer]
         if kind in (WriteNotifyRequest, WriteRequest) and (chan := self._setting_channel(command)):
             return await self._write_setting(command, *chan)
         return await super()._command_queue_iteration(command)
@@ -510,7 +523,7 @@ class _ReleasingCircuit(VirtualCircuit):
         """The channel and PV of a write that is answered at once: a setting (no command
         runs, so the hub is done with it quickly), not a record field nor ``$`` view, while
         no other write of this client is under way (so writes end in the order sent)."""
-        if not self.write_event.is_set() or (chan := self._connected(command)) is None:
+        if not self.write_event.is_set() or (chan := self._connected(command.sid)) is None:
             return None
         entry = self.context.pvdb.get(chan.name)
         pv = getattr(entry, "pv", None)
@@ -569,27 +582,26 @@ class _ReleasingCircuit(VirtualCircuit):
         finally:
             requested_count.reset(token)
 
-    def _connected(self, command: Any) -> Any:
-        """The channel a request names, if it is connected (else caproto's state machine
-        answers the request)."""
-        chan = self.circuit.channels_sid.get(command.sid)
+    def _connected(self, sid: int) -> Any:
+        """The channel of server id ``sid``, if it is connected (else caproto's state
+        machine answers the request)."""
+        chan = self.circuit.channels_sid.get(sid)
         if chan is None or any(state is not CONNECTED for state in chan.states.states.values()):
             return None
         return chan
 
-    def _cache_key(self, chan: Any, command: Any) -> tuple[str, int, int] | None:
-        """What a cached answer to ``command`` is filed under; None: not cacheable (a
-        timestamp filter stamps each read anew, an old client's counts differ)."""
-        if (type(command) is not ReadNotifyRequest or chan.channel_filter.ts
-                or self.circuit.protocol_version < 13):
+    def _cache_key(self, chan: Any, data_type: int, count: int) -> tuple[str, int, int] | None:
+        """What a cached answer to a get is filed under; None: not cacheable (a timestamp
+        filter stamps each read anew, an old client's counts differ)."""
+        if chan.channel_filter.ts or self.circuit.protocol_version < 13:
             return None
-        return chan.name, command.header.data_type, command.header.data_count
+        return chan.name, data_type, count
 
-    def answer_from_cache(self, command: Any) -> list[bytes] | None:
+    def _cached(self, sid: int, data_type: int, count: int, ioid: int) -> bytes | None:
         """The bytes answering a get of an unchanged value, with this request's ioid; None
         when there are none, or a client write is under way (caproto then lets the write
         finish first)."""
-        if not self.write_event.is_set() or (chan := self._connected(command)) is None:
+        if not self.write_event.is_set() or (chan := self._connected(sid)) is None:
             return None
         entry = self.context.pvdb.get(chan.name)
         if entry is None:  # a record field (PV.DESC): caproto's lookup of the record
@@ -598,18 +610,20 @@ class _ReleasingCircuit(VirtualCircuit):
             except KeyError:
                 return None
         answers = getattr(entry, "answers", None)
-        key = self._cache_key(chan, command) if answers else None
+        key = self._cache_key(chan, data_type, count) if answers else None
         hit = answers.get(key) if key is not None else None  # type: ignore[union-attr]
         if hit is None:
             return None
         before, after, payload = hit
-        return [before + command.header.parameter2.to_bytes(4, "big") + after + payload]
+        return before + ioid.to_bytes(4, "big") + after + payload
 
     def _keep_answer(self, chan: Any, entry: Any, command: Any, responses: Any) -> None:
         """File caproto's answer to a get, as bytes without its ioid, on the channel."""
         answers = getattr(entry, "answers", None)
-        key = self._cache_key(chan, command)
-        if answers is None or key is None or not responses or len(responses) != 1:
+        if answers is None or type(command) is not ReadNotifyRequest or not responses:
+            return
+        key = self._cache_key(chan, command.data_type, command.data_count)
+        if key is None or len(responses) != 1:
             return
         response = responses[0]
         if not isinstance(response, ReadNotifyResponse) or response.header.parameter1 != 1:
@@ -694,6 +708,7 @@ class _ReleasingCircuit(VirtualCircuit):
     async def _on_disconnect(self) -> None:
         """caproto leaves a closed circuit's queues full of updates nobody will send."""
         await super()._on_disconnect()
+        self.client.reader.answer = None
         # nothing sends this queue any more: empty it, so an update being queued (the
         # context waits while a queue is full) cannot hold up every other client
         self.unexpired_updates.clear()
@@ -718,6 +733,8 @@ class _Update(EventAddResponse, register=False):
 
 
 _ECA_NORMAL = ensure_eca_value(CAStatus.ECA_NORMAL)
+_HEADER = struct.Struct(">HHHHII")  # command, payload size, data type, count, 2 parameters
+_READ_NOTIFY = ReadNotifyRequest.ID
 
 
 class _WriteDone(AsyncioEvent):
@@ -729,6 +746,18 @@ class _WriteDone(AsyncioEvent):
         if self.is_set():
             return True
         return await super().wait(timeout)
+
+
+class _CaReader(asyncio.StreamReader):
+    """A CA client's receive buffer, which first offers what arrives to its circuit
+    (``answer``: gets it answers at once), then keeps the rest for caproto's receive."""
+
+    answer: Callable[[bytes], int] | None = None
+
+    def feed_data(self, data: bytes) -> None:
+        if self.answer is not None and not self._buffer:  # type: ignore[attr-defined]
+            data = data[self.answer(data):]
+        super().feed_data(data)
 
 
 class _NoDelayContext(Context):
@@ -775,11 +804,18 @@ class _NoDelayContext(Context):
         give_back_soon()
 
     async def server_accept_loop(self, sock: socket.socket) -> None:
-        """caproto binds its listening socket with proto=0, so asyncio never sets
-        TCP_NODELAY on accepted sockets (Nagle + delayed ACK: 40 ms put-callback stalls
-        while a monitor is active). Linux hands the listening socket's option on."""
+        """caproto's accept loop, with a receive buffer that answers gets at once
+        (_CaReader), and TCP_NODELAY: caproto binds its listening socket with proto=0, so
+        asyncio never sets it on accepted sockets (Nagle + delayed ACK: 40 ms put-callback
+        stalls while a monitor is active); Linux hands the listening socket's option on."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await super().server_accept_loop(sock)
+
+        def new_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            client = _TransportWrapper(reader, writer)
+            self.server_tasks.create(self.tcp_handler(client, client.getpeername()))
+
+        await asyncio.get_running_loop().create_server(
+            lambda: asyncio.StreamReaderProtocol(_CaReader(), new_client), sock=sock)
 
 
 class CaServer:
