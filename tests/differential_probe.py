@@ -186,9 +186,46 @@ def pva_answer(value: Any) -> dict[str, Any]:
     return {"type": plain(value.type().aspy()), "fields": flat}
 
 
+#: camonitor -m v, a, p and the default va
+MASKS = {"value": 1, "alarm": 4, "property": 8, "value|alarm": 5}
+
+
+def masked_updates(name: str, values: list[str]) -> dict[str, int]:
+    """How many updates a monitor of each mask gets while ``values`` are written in turn
+    (the alarm unchanged): the first update, and then only what its mask asks for."""
+    from epics import ca
+
+    chid = connect(ca, [name])[name]
+    counts = dict.fromkeys(MASKS, 0)
+    lock = threading.Lock()
+
+    def callback(key: str) -> Any:
+        def on_update(**_kw: Any) -> None:
+            with lock:
+                counts[key] += 1
+        return on_update
+
+    keep = [ca.create_subscription(chid, mask=mask, callback=callback(key))
+            for key, mask in MASKS.items()]
+    deadline = time.monotonic() + 10
+    while not all(counts.values()) and time.monotonic() < deadline:
+        ca.poll(0.05)
+    for value in values:
+        ca.put(chid, value, wait=True, timeout=5)
+    deadline = time.monotonic() + 2  # then what follows the last write
+    while time.monotonic() < deadline:
+        ca.poll(0.05)
+    for _callback, _arg, evid in keep:
+        ca.clear_subscription(evid)
+    ca.poll(0.1)
+    return counts
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     out = {"ca": probe_ca(args["ca"], args.get("set", {})), "pva": probe_pva(args["pva"])}
+    if "masks" in args:
+        out["masks"] = masked_updates(*args["masks"])
     print(json.dumps(out))
 
 

@@ -79,12 +79,14 @@ def answers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str
         longs = [pv.name for pv in pvs if pv.field.kind is Kind.LONGSTRING]
         # text with no number in front, which a numeric read must fail on as on the IOC
         text = {prefix + TEXT_PV: "beamline staff"}
-        ours = _probe(gateway.env, {"ca": names, "pva": names, "set": text}, tmp / "gateway.json")
+        masks = [prefix + TEXT_PV, ["one", "two", "three"]]
+        ours = _probe(gateway.env, {"ca": names, "pva": names, "set": text, "masks": masks},
+                      tmp / "gateway.json")
         texts = {pv.name + (".VAL$" if pv.field.kind is Kind.LONGSTRING else ""):
                  ours["ca"][pv.name]["as_string"]["value"]
                  for pv in pvs if pv.field.kind in (Kind.STRING, Kind.LONGSTRING)}
         theirs = _probe(ref_env, {"ca": names + [n + ".VAL$" for n in longs], "pva": names,
-                                  "set": texts}, tmp / "softioc.json")
+                                  "set": texts, "masks": masks}, tmp / "softioc.json")
         yield ours, theirs, pvs
     finally:
         gateway.stop()
@@ -174,6 +176,15 @@ def test_numeric_read_of_text_fails_as_on_the_ioc(answers: tuple[dict[str, Any],
         assert side["ca"][name]["as_string"]["value"] == "beamline staff"
         for ftype in (6, 20, 34):
             assert side["ca"][name][f"ftype {ftype}"] == {"error": f"status {ECA_GETFAIL}"}
+
+
+def test_monitors_get_what_their_mask_asks_for_as_on_the_ioc(
+        answers: tuple[dict[str, Any], ...]) -> None:
+    """Three writes of a setting, its alarm unchanged: value monitors get each, alarm-only
+    and property-only monitors (an alarm handler's, an archiver's) their first update alone."""
+    ours, theirs, _pvs = answers
+    assert ours["masks"] == theirs["masks"], (ours["masks"], theirs["masks"])
+    assert ours["masks"]["value"] > ours["masks"]["alarm"], ours["masks"]
 
 
 def test_every_schema_pv_was_asked(answers: tuple[dict[str, Any], ...]) -> None:

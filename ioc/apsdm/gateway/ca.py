@@ -43,6 +43,7 @@ from caproto import (
     ReadNotifyRequest,
     ReadNotifyResponse,
     ReadRequest,
+    SubscriptionType,
     TimeStamp,
     WriteNotifyRequest,
     WriteRequest,
@@ -322,13 +323,18 @@ class _GatewayChannel:
             await super().write(value, verify_value=False,  # type: ignore[misc]
                                 timestamp=timestamp, status=status, severity=severity)
             return
-        self._data["value"] = self.preprocess_value(value)  # type: ignore[attr-defined]
+        value = self.preprocess_value(value)  # type: ignore[attr-defined]
+        # what changed, as an EPICS record posts it (a monitor's mask picks what it gets)
+        flags = _VALUE_POST if _differ(self._data["value"], value) else 0  # type: ignore[attr-defined]
+        self._data["value"] = value  # type: ignore[attr-defined]
         self._data["timestamp"] = TimeStamp.from_flexible_value(timestamp)  # type: ignore[attr-defined]
         alarm = self.alarm  # type: ignore[attr-defined]
         if (alarm.status, alarm.severity) != (status, severity):
             await alarm.write(status=status, severity=severity, publish=False)
-            await alarm.publish(0, except_for=(self,))
-        await self.publish(0)  # type: ignore[attr-defined]
+            await alarm.publish(SubscriptionType.DBE_ALARM, except_for=(self,))
+            flags |= SubscriptionType.DBE_ALARM
+        # a new time alone is posted as a value is (an EPICS record with MDEL -1 does)
+        await self.publish(flags or _VALUE_POST)  # type: ignore[attr-defined]
 
     async def show(self, value: Any, alarm: Alarm, timestamp: float) -> None:
         """Show a hub value, and the record fields that follow it (SEVR, STAT, LEN, NORD); a
@@ -344,6 +350,16 @@ class _GatewayChannel:
             field = self.fields[name]
             if field.value != shown:  # RSRV posts a field's monitors only when it changes
                 await field.write(shown, verify_value=False, timestamp=timestamp)
+
+
+_VALUE_POST = SubscriptionType.DBE_VALUE | SubscriptionType.DBE_LOG
+
+
+def _differ(old: Any, new: Any) -> bool:
+    """Whether a value changed (arrays element by element)."""
+    if isinstance(old, numpy.ndarray) or isinstance(new, numpy.ndarray):
+        return not numpy.array_equal(old, new)
+    return bool(old != new)
 
 
 def zeroed(data_type: ChannelType, count: int) -> tuple[Any, list[int]]:
@@ -805,6 +821,8 @@ class _NoDelayContext(Context):
             return
         at_once: dict[Any, list[tuple[int, bytes, bytes]]] = {}  # circuit -> its updates
         for spec in sub_specs:
+            if flags and not flags & spec.mask:  # caproto sends every update to every mask
+                continue
             encoded: dict[int, tuple[int, list[Any], bytes]] = {}  # count -> size, parts, bytes
             for each in tuple(self.subscriptions[spec]):
                 circuit, filters = each.circuit, each.channel_filter
