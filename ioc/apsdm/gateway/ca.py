@@ -438,16 +438,17 @@ def _channel(pv: PV, hub: Hub) -> Any:
 # Upstream: none of the caproto 1.3.0 bugs worked around here (each named at its override:
 # ECA_INTERNAL for a failed conversion, CTRL_STRING in the TIME_STRING layout, WRITE/MAJOR
 # on any refused put, sent updates kept, a disconnect ending the update loop, a closed
-# circuit never released, no TCP_NODELAY; and in _RsrvReads: 0 where EPICS 7 sends NaN
-# alarm limits, text starting with a number refused as a number, an array read for more
-# elements than it holds sent short, DBF_STRING's .VAL$ 81 elements long) has an issue in
-# caproto's tracker as of 2026-12-03; each is to be reported. Nor have the costs per request
-# that the overrides below avoid (issue 12, Speed): a task and a timer per get for a
-# write-lock wait that is nearly always free, each get converted anew, each monitor
-# update encoded, checked and run through the circuit's state machine once per
-# subscriber, a wait_for per queued update, a turn of the event loop per command, a
-# task, two passes of the state machine and a response object per write, and each value
-# shown run through write's hooks, a loop over ten metadata keywords and an unchanged alarm.
+# circuit never released, no TCP_NODELAY, a monitor's mask ignored; and in _RsrvReads: 0
+# where EPICS 7 sends NaN alarm limits, text starting with a number refused as a number,
+# an array read for more elements than it holds sent short, DBF_STRING's .VAL$ 81 elements
+# long) has an issue in caproto's tracker as of 2026-12-03; each is to be reported. Nor
+# have the costs per request that the overrides below avoid (issue 12, Speed): a task and
+# a timer per get for a write-lock wait that is nearly always free, each get converted
+# anew, each monitor update encoded, checked, queued and run through the circuit's state
+# machine once per subscriber, a wait_for per queued update, a turn of the event loop, a
+# task switch, a parse and a queue per get, a task, two passes of the state machine and a
+# response object per write, and each value shown run through write's hooks, a loop over
+# ten metadata keywords and an unchanged alarm.
 CAPROTO_CONTRACT = {
     "caproto.server.common.VirtualCircuit._process_command": "89a0a95c53667d18",
     "caproto.server.common.VirtualCircuit.command_queue_loop": "8c2d5e3a641ad40b",
