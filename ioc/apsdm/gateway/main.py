@@ -19,7 +19,7 @@ from apsdm.dm import DmClient, DmConfig
 from .ca import CaServer
 from .commands import Commands
 from .hub import AccessList, Hub
-from .memory import bound_malloc_arenas
+from .memory import bound_malloc_arenas, keep_started_objects
 from .persist import Persistence
 from .poller import Poller
 from .publisher import Publisher
@@ -189,6 +189,7 @@ async def run(args: argparse.Namespace) -> None:
     pva_port, pva_bcast = pva.start()
     tasks = [asyncio.create_task(poller.run()),
              asyncio.create_task(heartbeat(hub, f"{p}Status:Heartbeat_RBV"))]
+    keep_started_objects()
     print(f"READY ca_port={ca_port} pva_port={pva_port} pva_udp_port={pva_bcast} dm_url={dm_url}",
           flush=True)
     log.info("serving %d PVs with prefix %s (CA %d, PVA %d), DM at %s",

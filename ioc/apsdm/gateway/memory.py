@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 import os
 
 M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
@@ -23,6 +24,14 @@ def bound_malloc_arenas(arenas: int = 2) -> None:
         _libc.mallopt(M_ARENA_MAX, arenas)  # type: ignore[union-attr]
 
 
+def keep_started_objects() -> None:
+    """Exempt what the started IOC holds (modules, schema, channels: about 150,000 objects,
+    kept as long as it runs) from the garbage collector's walks: a full collection then
+    takes a few milliseconds instead of about 100, so one can follow clients leaving."""
+    gc.collect()
+    gc.freeze()
+
+
 def give_back_soon() -> None:
     """Return the heap's free pages to the system TRIM_DELAY from now (malloc_trim): what a
     client that left freed is otherwise kept, and RSS stays at the peak of the busiest
@@ -33,6 +42,10 @@ def give_back_soon() -> None:
 
 
 def _trim_now() -> None:
+    """Free what clients that left held in reference cycles (caproto's channels and
+    requests: about 200 objects a client, otherwise kept until the next full collection),
+    then give the free pages back."""
     global _trim
     _trim = None
+    gc.collect()
     _libc.malloc_trim(0)  # type: ignore[union-attr]
