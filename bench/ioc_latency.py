@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 N = int(os.environ.get("BENCH_N", 1000))
-REPEAT = int(os.environ.get("BENCH_REPEAT", 3))  # gateway/softioc measured in turn, this often
+REPEAT = int(os.environ.get("BENCH_REPEAT", 5))  # gateway/softioc measured in turn, this often
 PREFIX = "BENCH:"
 
 
