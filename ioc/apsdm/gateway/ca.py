@@ -444,9 +444,9 @@ def _channel(pv: PV, hub: Hub) -> Any:
 # long) has an issue in caproto's tracker as of 2026-12-03; each is to be reported. Nor
 # have the costs per request that the overrides below avoid (issue 12, Speed): a task and
 # a timer per get for a write-lock wait that is nearly always free, each get converted
-# anew, each monitor update encoded, checked, queued and run through the circuit's state
-# machine once per subscriber, a wait_for per queued update, a turn of the event loop, a
-# task switch, a parse and a queue per get, a task, two passes of the state machine and a
+# anew, each monitor update encoded, checked and run through the circuit's state machine
+# once per subscriber, a wait_for per queued update, a turn of the event loop, a task
+# switch, a parse and a queue per get, a task, two passes of the state machine and a
 # response object per write, and each value shown run through write's hooks, a loop over
 # ten metadata keywords and an unchanged alarm.
 CAPROTO_CONTRACT = {
@@ -650,23 +650,6 @@ class _ReleasingCircuit(VirtualCircuit):
             answers.clear()
         answers[key] = (header[:12], header[16:], b"".join(bytes(b) for b in response.buffers))
 
-    def sends_at_once(self, subscriptionid: int) -> bool:
-        """Whether an update of this subscription can be written to the socket at once,
-        skipping the circuit's update queue and task: none of its updates is waiting
-        there (so they stay in order), and the client is reading what it is sent (else
-        the queue keeps the newest of them, dropping older news)."""
-        transport = self.client.writer.transport
-        return (not self.unexpired_updates.get(subscriptionid) and not transport.is_closing()
-                and transport.get_write_buffer_size() < _BACKLOG_BYTES)
-
-    def send_at_once(self, updates: list[tuple[int, bytes, bytes]]) -> None:
-        """Write (subscription id, header, payload) updates to the socket in one go, but
-        none for a subscription cancelled since (no update follows its cancel)."""
-        live = self.circuit.event_add_commands
-        self.client.writer.transport.write(b"".join(
-            part for subscriptionid, *message in updates if subscriptionid in live
-            for part in message))
-
     async def line_up(self, spec: Any, sub: Any, update: EventAddResponse) -> None:
         """Put a monitor update in line for this client: held among the newest
         ``max_subscription_backlog`` of its subscription (an older one still waiting is
@@ -769,16 +752,6 @@ class _Update(EventAddResponse, register=False):
 _ECA_NORMAL = ensure_eca_value(CAStatus.ECA_NORMAL)
 _HEADER = struct.Struct(">HHHHII")  # command, payload size, data type, count, 2 parameters
 _READ_NOTIFY = ReadNotifyRequest.ID
-_EVENT_ADD = EventAddResponse.ID
-_BACKLOG_BYTES = 1 << 16  # a client's unsent bytes beyond which its updates queue (asyncio's high mark)
-
-
-def _event_header(size: int, data_type: int, count: int, subscriptionid: int) -> bytes:
-    """A monitor update's header (caproto's, extended, for a payload or count too large for
-    the 16-bit fields)."""
-    if size < 0xFFFF and count < 0xFFFF:
-        return _HEADER.pack(_EVENT_ADD, size, data_type, count, _ECA_NORMAL, subscriptionid)
-    return bytes(EventAddResponseHeader(size, data_type, count, _ECA_NORMAL, subscriptionid))
 
 
 class _WriteDone(AsyncioEvent):
@@ -820,11 +793,10 @@ class _NoDelayContext(Context):
         if sub is not None:  # the first update of one new subscription
             await super()._subscription_queue_iteration(sub_specs, metadata, values, flags, sub)
             return
-        at_once: dict[Any, list[tuple[int, bytes, bytes]]] = {}  # circuit -> its updates
         for spec in sub_specs:
             if flags and not flags & spec.mask:  # caproto sends every update to every mask
                 continue
-            encoded: dict[int, tuple[int, list[Any], bytes]] = {}  # count -> size, parts, bytes
+            encoded: dict[int, tuple[int, list[Any]]] = {}  # count -> payload size, parts
             for each in tuple(self.subscriptions[spec]):
                 circuit, filters = each.circuit, each.channel_filter
                 if not circuit.connected:
@@ -841,16 +813,9 @@ class _NoDelayContext(Context):
                     size, *buffers = data_payload(
                         values if count == len(values) else values[:count], metadata,
                         each.data_type, count)
-                    parts = encoded[count] = (size, buffers, b"".join(buffers))
-                size, buffers, payload = parts
-                if circuit.sends_at_once(each.subscriptionid):
-                    header = _event_header(size, each.data_type, count, each.subscriptionid)
-                    at_once.setdefault(circuit, []).append((each.subscriptionid, header, payload))
-                else:
-                    await circuit.line_up(spec, each, _Update(size, buffers, each.data_type,
-                                                              count, each.subscriptionid))
-        for circuit, updates in at_once.items():
-            circuit.send_at_once(updates)
+                    parts = encoded[count] = (size, buffers)
+                await circuit.line_up(spec, each, _Update(*parts, each.data_type, count,
+                                                          each.subscriptionid))
 
     async def circuit_disconnected(self, circuit: Any) -> None:
         """A client left: what it held is freed; have the heap give it back soon."""
