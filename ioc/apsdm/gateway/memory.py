@@ -1,4 +1,5 @@
-"""glibc's malloc, set for an IOC that runs for months: few arenas, freed memory given back."""
+"""The IOC's memory over months: glibc's malloc with few arenas, the started IOC's objects spared
+the garbage collector's walks, and what clients that left held given back."""
 
 from __future__ import annotations
 
