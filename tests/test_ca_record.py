@@ -146,6 +146,21 @@ ca.poll()
     assert out["nord"] == out["len"] == len(ioc.dm_url) + 1 == out["get"] == out["monitor"][0], out
 
 
+def test_a_get_right_after_a_write_sees_what_was_written(ioc: Ioc) -> None:
+    """Gets of unchanged values are answered from the receive callback (ca._CaReader); one
+    sent behind a write on the same circuit must wait for that write, as on an IOC."""
+    name = ioc.pv("Metadata:Json")
+    out = libca(ioc, f"""
+c = chan({name!r})
+ca.get(c, as_string=True, timeout=5)  # an answer to keep, which each write makes stale
+out['seen'] = []
+for i in range(200):
+    ca.put(c, '{{"n": %d}}' % i, wait=False)
+    out['seen'].append(ca.get(c, as_string=True, timeout=5))
+""")
+    assert out["seen"] == [f'{{"n": {i}}}' for i in range(200)], out["seen"][:5]
+
+
 # a short-lived CA client, as a shell's caget, a screen opened and closed, an archiver
 # reconnecting: it connects to every PV, monitors it, and its process ends (no goodbye)
 CHURN = """
