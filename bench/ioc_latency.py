@@ -1,6 +1,7 @@
-"""The gateway beside a pythonSoftIOC serving the same records, measured in one run:
-CA get and put-callback latency (pyepics), PVA get (p4p), monitor updates with 50
-subscribers; and DM requests per poll period with 1, 10 and 100 active jobs."""
+"""The gateway beside a pythonSoftIOC serving the same records, measured in one run by one
+client that asks both in alternating blocks: CA get and put-callback latency (pyepics), PVA
+get (p4p), monitor updates with 50 subscribers; and DM requests per poll period with 1, 10
+and 100 active jobs."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import time
 from pathlib import Path
 
 N = int(os.environ.get("BENCH_N", 1000))
-REPEAT = int(os.environ.get("BENCH_REPEAT", 5))  # gateway/softioc measured in turn, this often
-PREFIX = "BENCH:"
+REPEAT = int(os.environ.get("BENCH_REPEAT", 5))  # parts of a run whose ratios give the spread
+BLOCK = 50  # requests to one IOC before the other takes its turn
+SUBSCRIBERS = 50
+PREFIX, REF_PREFIX = "BENCH:", "BREF:"
 
 
 def _ports() -> tuple[int, int, int]:
@@ -33,59 +36,83 @@ def _env(ca: int, pva: int, bcast: int) -> dict[str, str]:
     return epics_env(ca, pva, bcast)
 
 
-def measure(names: dict[str, str]) -> dict[str, float]:
-    """Run in a child whose EPICS_* environment points at one IOC."""
+def _both(gw: dict[str, str], ref: dict[str, str]) -> dict[str, str]:
+    """A client environment that finds both IOCs (each serves its own prefix)."""
+    return {**gw, **{key: f"{gw[key]} {ref[key]}" for key in
+                     ("EPICS_CA_ADDR_LIST", "EPICS_PVA_ADDR_LIST", "EPICS_PVA_NAME_SERVERS")}}
+
+
+def measure(names: dict[str, dict[str, str]]) -> dict[str, dict[str, list[float]]]:
+    """Run in a child that finds both IOCs. Each kind of request goes to them in alternating
+    blocks of BLOCK, so a burst of load on the shared machine hits both alike: CA get and
+    put-callback latency (pyepics), PVA get (p4p), and the time SUBSCRIBERS monitors of the
+    put PV take to receive every update of a block of puts."""
     import epics
     from p4p.client.thread import Context
 
-    def pct(xs: list[float], q: float) -> float:
-        return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] * 1e3
-
-    out: dict[str, float] = {}
-    pv = epics.PV(names["get"], auto_monitor=False)
-    pv.wait_for_connection(10)
-    times = []
-    for _ in range(N):
-        t0 = time.perf_counter()
-        pv.get(use_monitor=False)
-        times.append(time.perf_counter() - t0)
-    out["ca_get_median_ms"], out["ca_get_p99_ms"] = statistics.median(times) * 1e3, pct(times, .99)
-    put = epics.PV(names["put"])
-    put.wait_for_connection(10)
-    times = []
-    for i in range(N):
-        t0 = time.perf_counter()
-        put.put(f'{{"i": {i}}}', wait=True, timeout=10)
-        times.append(time.perf_counter() - t0)
-    out["ca_put_median_ms"], out["ca_put_p99_ms"] = statistics.median(times) * 1e3, pct(times, .99)
-    ctx = Context("pva")
-    ctx.get(names["get"])
-    times = []
-    for _ in range(N):
-        t0 = time.perf_counter()
-        ctx.get(names["get"])
-        times.append(time.perf_counter() - t0)
-    out["pva_get_median_ms"], out["pva_get_p99_ms"] = statistics.median(times) * 1e3, pct(times, .99)
-    counts = [0] * 50
+    iocs = list(names)
+    gets = {ioc: epics.PV(names[ioc]["get"], auto_monitor=False) for ioc in iocs}
+    puts = {ioc: epics.PV(names[ioc]["put"]) for ioc in iocs}
+    counts = {ioc: [0] for ioc in iocs}
     lock = threading.Lock()
 
-    def counter(k: int):  # type: ignore[no-untyped-def]
+    def counter(ioc: str):  # type: ignore[no-untyped-def]
         def cb(**_kw: object) -> None:
             with lock:
-                counts[k] += 1
+                counts[ioc][0] += 1
         return cb
-    subs = [epics.PV(names["put"], callback=counter(k), auto_monitor=True) for k in range(50)]
-    for s in subs:
-        s.wait_for_connection(10)
+    for pv in (*gets.values(), *puts.values()):
+        assert pv.wait_for_connection(10), pv.pvname
+    ctx = Context("pva")
+    for ioc in iocs:
+        ctx.get(names[ioc]["get"])
     time.sleep(0.5)
-    start = sum(counts)
-    t0 = time.perf_counter()
-    for i in range(N):
-        put.put(f'{{"m": {i}}}', wait=True, timeout=10)
+
+    def monitored_puts(ioc: str, block: int) -> None:
+        """A block of puts, until every monitor got each (or 10 s)."""
+        expected = counts[ioc][0] + BLOCK * SUBSCRIBERS
+        for i in range(BLOCK):
+            puts[ioc].put(f'{{"m": {block * BLOCK + i}}}', wait=True, timeout=10)
+        deadline = time.perf_counter() + 10
+        while counts[ioc][0] < expected and time.perf_counter() < deadline:
+            time.sleep(0.0005)
+
+    requests = {
+        "ca_get": lambda ioc, i: gets[ioc].get(use_monitor=False),
+        "ca_put": lambda ioc, i: puts[ioc].put(f'{{"i": {i}}}', wait=True, timeout=10),
+        "pva_get": lambda ioc, i: ctx.get(names[ioc]["get"]),
+    }
+    out: dict[str, dict[str, list[float]]] = {ioc: {} for ioc in iocs}
+    for kind, request in requests.items():
+        for block in range(N // BLOCK):
+            for ioc in iocs if block % 2 == 0 else iocs[::-1]:
+                times = out[ioc].setdefault(kind, [])
+                for i in range(BLOCK):
+                    t0 = time.perf_counter()
+                    request(ioc, i)
+                    times.append(time.perf_counter() - t0)
+    subs = [epics.PV(names[ioc]["put"], callback=counter(ioc), auto_monitor=True)
+            for ioc in iocs for _ in range(SUBSCRIBERS)]  # only now: the puts above had none
+    for pv in subs:
+        assert pv.wait_for_connection(10), pv.pvname
     time.sleep(0.5)
-    out["monitor_updates_per_s_50_subs"] = (sum(counts) - start) / (time.perf_counter() - t0)
+    for block in range(N // BLOCK):
+        for ioc in iocs if block % 2 == 0 else iocs[::-1]:
+            t0, before = time.perf_counter(), counts[ioc][0]
+            monitored_puts(ioc, block)
+            out[ioc].setdefault("monitor", []).append(
+                (counts[ioc][0] - before) / (time.perf_counter() - t0))
     ctx.close()
     return out
+
+
+def _figures(samples: list[float], kind: str) -> dict[str, float]:
+    """A request kind's median and p99 in ms; monitor blocks' updates per second."""
+    if kind == "monitor":
+        return {"monitor_updates_per_s_50_subs": statistics.median(samples)}
+    ordered = sorted(samples)
+    return {f"{kind}_median_ms": statistics.median(samples) * 1e3,
+            f"{kind}_p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1e3}
 
 
 def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
@@ -96,12 +123,6 @@ def _start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
         if not line and proc.poll() is not None:
             raise RuntimeError(f"{cmd} exited")
     return proc
-
-
-def _run_measure(env: dict[str, str], names: dict[str, str]) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-m", "bench.ioc_latency", "measure", json.dumps(names)],
-                         env={**os.environ, **env}, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def dm_requests_per_poll(ioc_env: dict[str, str], setup: Path, period: float) -> dict[int, float]:
@@ -142,22 +163,28 @@ def main() -> None:
                  "--interface", "127.0.0.1", "--ca-port", str(gw_ports[0]),
                  "--pva-port", str(gw_ports[1]), "--pva-broadcast-port", str(gw_ports[2]),
                  "--poll-period", str(period), "--log-level", "WARNING"], gw_env)
-    ref = _start([sys.executable, "-m", "bench.softioc_peer", PREFIX],
+    ref = _start([sys.executable, "-m", "bench.softioc_peer", REF_PREFIX],
                  {**ref_env, "EPICS_PVAS_SERVER_PORT": str(ref_ports[1]),
                   "EPICS_PVAS_BROADCAST_PORT": str(ref_ports[2]),
                   "EPICS_PVAS_INTF_ADDR_LIST": "127.0.0.1"})
-    names = {"get": PREFIX + "DAQ1:NFiles_RBV", "put": PREFIX + "Metadata:Json"}
+    names = {ioc: {"get": prefix + "DAQ1:NFiles_RBV", "put": prefix + "Metadata:Json"}
+             for ioc, prefix in (("gateway", PREFIX), ("softioc", REF_PREFIX))}
     try:
-        # in turn, so that a burst of load on a shared machine hits both alike; each
-        # figure is the median of the runs, the ratio's spread (min-max) beside it
-        runs = [(_run_measure(gw_env, names), _run_measure(ref_env, names)) for _ in range(REPEAT)]
-        print(f"{'metric (N=' + str(N) + ', ' + str(REPEAT) + ' runs)':34} {'gateway':>10} "
-              f"{'softioc':>10} {'ratio':>7}  spread")
-        for key in runs[0][0]:
-            ratios = [ours[key] / theirs[key] for ours, theirs in runs]
-            print(f"{key:34} {statistics.median(o[key] for o, _ in runs):10.3f} "
-                  f"{statistics.median(t[key] for _, t in runs):10.3f} "
-                  f"{statistics.median(ratios):7.2f}  {min(ratios):.2f}-{max(ratios):.2f}")
+        out = subprocess.run([sys.executable, "-m", "bench.ioc_latency", "measure", json.dumps(names)],
+                             env={**os.environ, **_both(gw_env, ref_env)}, capture_output=True,
+                             text=True, check=True)
+        runs = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{'metric (N=' + str(N) + ' each, blocks of ' + str(BLOCK) + ')':34} {'gateway':>10} "
+              f"{'softioc':>10} {'ratio':>7}  spread of {REPEAT} parts")
+        for kind, ours in runs["gateway"].items():
+            theirs, parts = runs["softioc"][kind], len(ours) // REPEAT or 1
+            whole = (_figures(ours, kind), _figures(theirs, kind))
+            split = [(_figures(ours[k:k + parts], kind), _figures(theirs[k:k + parts], kind))
+                     for k in range(0, len(ours) - parts + 1, parts)]
+            for key in whole[0]:
+                ratios = [o[key] / t[key] for o, t in split]
+                print(f"{key:34} {whole[0][key]:10.3f} {whole[1][key]:10.3f} "
+                      f"{whole[0][key] / whole[1][key]:7.2f}  {min(ratios):.2f}-{max(ratios):.2f}")
         per_poll = dm_requests_per_poll(gw_env, root / "dm" / "dm.setup.sh", period)
         print("DM requests per poll period: " + ", ".join(
             f"{n} active jobs: {v:.1f}" for n, v in per_poll.items()))
