@@ -52,8 +52,20 @@ class Completion:
     def set(self, value: int) -> Status:
         """Put ``value`` with put-completion and no timeout (a job may run for hours)."""
         finished = Status()
-        self.signal.set(value, timeout=None).add_callback(lambda _status: finished.set_finished())
+        put = self.signal.set(value, timeout=None)
+        _PUTS.add(put)  # ophyd-async's status runs in a task, which asyncio holds weakly
+
+        def ended(_status: Any) -> None:
+            _PUTS.discard(put)
+            finished.set_finished()
+        put.add_callback(ended)
         return finished
+
+
+#: puts under way: with nothing else holding an ophyd-async put's status, the garbage
+#: collector can destroy its pending task ("Task was destroyed but it is pending!", seen in
+#: two CI runs, each time with a plan's workflow start failing as "not started")
+_PUTS: set[Any] = set()
 
 
 def is_busy(value: Any) -> bool:
