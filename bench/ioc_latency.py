@@ -53,13 +53,13 @@ def measure(names: dict[str, dict[str, str]]) -> dict[str, dict[str, list[float]
     iocs = list(names)
     gets = {ioc: epics.PV(names[ioc]["get"], auto_monitor=False) for ioc in iocs}
     puts = {ioc: epics.PV(names[ioc]["put"]) for ioc in iocs}
-    counts = {ioc: [0] for ioc in iocs}
+    counts = dict.fromkeys(iocs, 0)
     lock = threading.Lock()
 
     def counter(ioc: str):  # type: ignore[no-untyped-def]
         def cb(**_kw: object) -> None:
             with lock:
-                counts[ioc][0] += 1
+                counts[ioc] += 1
         return cb
     for pv in (*gets.values(), *puts.values()):
         assert pv.wait_for_connection(10), pv.pvname
@@ -70,11 +70,11 @@ def measure(names: dict[str, dict[str, str]]) -> dict[str, dict[str, list[float]
 
     def monitored_puts(ioc: str, block: int) -> None:
         """A block of puts, until every monitor got each (or 10 s)."""
-        expected = counts[ioc][0] + BLOCK * SUBSCRIBERS
+        expected = counts[ioc] + BLOCK * SUBSCRIBERS
         for i in range(BLOCK):
             puts[ioc].put(f'{{"m": {block * BLOCK + i}}}', wait=True, timeout=10)
         deadline = time.perf_counter() + 10
-        while counts[ioc][0] < expected and time.perf_counter() < deadline:
+        while counts[ioc] < expected and time.perf_counter() < deadline:
             time.sleep(0.0005)
 
     requests = {
@@ -85,7 +85,7 @@ def measure(names: dict[str, dict[str, str]]) -> dict[str, dict[str, list[float]
     out: dict[str, dict[str, list[float]]] = {ioc: {} for ioc in iocs}
     for kind, request in requests.items():
         for block in range(N // BLOCK):
-            for ioc in iocs if block % 2 == 0 else iocs[::-1]:
+            for ioc in _in_turn(iocs, block):
                 times = out[ioc].setdefault(kind, [])
                 for i in range(BLOCK):
                     t0 = time.perf_counter()
@@ -97,13 +97,18 @@ def measure(names: dict[str, dict[str, str]]) -> dict[str, dict[str, list[float]
         assert pv.wait_for_connection(10), pv.pvname
     time.sleep(0.5)
     for block in range(N // BLOCK):
-        for ioc in iocs if block % 2 == 0 else iocs[::-1]:
-            t0, before = time.perf_counter(), counts[ioc][0]
+        for ioc in _in_turn(iocs, block):
+            t0, before = time.perf_counter(), counts[ioc]
             monitored_puts(ioc, block)
             out[ioc].setdefault("monitor", []).append(
-                (counts[ioc][0] - before) / (time.perf_counter() - t0))
+                (counts[ioc] - before) / (time.perf_counter() - t0))
     ctx.close()
     return out
+
+
+def _in_turn(iocs: list[str], block: int) -> list[str]:
+    """The IOCs in the order they take a block: who goes first alternates."""
+    return iocs if block % 2 == 0 else iocs[::-1]
 
 
 def _figures(samples: list[float], kind: str) -> dict[str, float]:
