@@ -5,6 +5,8 @@ processes, since a wrong answer can make libca abort the process that asked."""
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -159,6 +161,20 @@ for i in range(200):
     out['seen'].append(ca.get(c, as_string=True, timeout=5))
 """)
     assert out["seen"] == [f'{{"n": {i}}}' for i in range(200)], out["seen"][:5]
+
+
+def test_bytes_no_ca_client_sends_end_that_circuit_alone(ioc: Ioc) -> None:
+    """An unknown command (a port scanner, a broken client) passes the receive callback's
+    get answers (ca._CaReader) to caproto, which ends that client's circuit; other clients
+    go on as before."""
+    header = struct.Struct(">HHHHII")
+    with socket.create_connection(("127.0.0.1", ioc.ca_port), timeout=10) as sock:
+        sock.sendall(header.pack(0, 0, 0, 13, 0, 0))  # VERSION, as every client starts
+        sock.sendall(header.pack(0x7777, 0, 0, 0, 0, 0))
+        while sock.recv(4096):  # the version answer, then the end of the circuit
+            pass
+    assert "bad command ID 0x7777" in ioc.log()
+    assert caget(ioc, "Status:Message_RBV") is not None
 
 
 # a short-lived CA client, as a shell's caget, a screen opened and closed, an archiver
