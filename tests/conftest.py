@@ -237,14 +237,9 @@ class Ioc:
         return (self.data_root / "ioc.log").read_text()
 
 
-#: pyepics' printf callbacks, one per CA context it made: each initialize_libca() replaces
-#: the one before, but the old contexts live on and still call theirs (e.g. "unable to
-#: contact CA repeater after 50 tries"), which crashed the test process once it was freed
-_CA_PRINTF_KEEPALIVE: list[Any] = []
-
-
 def use_ca(env: dict[str, str]) -> None:
-    """Point pyepics (libca, one context per process) at this test's IOC."""
+    """Point pyepics (libca, one context per process) at this test's IOC, on a new libca
+    context: libca reads the address list when a context makes its first channel."""
     import epics
 
     # PVs of earlier tests must let go of the old context first, or their
@@ -256,10 +251,19 @@ def use_ca(env: dict[str, str]) -> None:
             # subscription is gone by the time either complains
             with contextlib.suppress(TypeError, RuntimeError):
                 obj.disconnect()
-    epics.ca.clear_cache()
+    old = epics.ca.current_context() if epics.ca.libca else None
+    epics.ca.clear_cache()  # clears every channel, then detaches the old context for a new one
+    if old:
+        # pyepics only detaches the old context: left alive, each kept its threads and its
+        # searches for an IOC long gone, and a worker that had run a hundred IOC tests
+        # crashed inside libca now and then; none is used again, so it is destroyed
+        fresh = epics.ca.current_context()
+        epics.ca.detach_context()
+        epics.ca.attach_context(old)
+        epics.ca.libca.ca_context_destroy()
+        epics.ca.attach_context(fresh)
     os.environ.update(env)
     epics.ca.initialize_libca()
-    _CA_PRINTF_KEEPALIVE.append(epics.ca.ca_printf)
 
 
 def make_ioc(tmp_path: Path, *extra: str, any_ports: bool = False) -> Ioc:

@@ -280,10 +280,12 @@ def test_ioc_restart_reattaches_to_running_job(dm_server: DmServer, tmp_path: Pa
                     "01": {"command": "sleep 4"}, "02": {"command": "echo end"}}})
         asyncio.run(setup())
         caput(ioc, "WF2:Name", "long")
-        threading.Thread(target=lambda: epics.caput(ioc.pv("WF2:Start"), 1, wait=True, timeout=2),
-                         daemon=True).start()
+        start = threading.Thread(
+            target=lambda: epics.caput(ioc.pv("WF2:Start"), 1, wait=True, timeout=2))
+        start.start()
         job_id = wait_until(lambda: caget(ioc, "WF2:JobId_RBV"), 10, "job id")
         ioc.stop()
+        start.join(10)  # its put gives up; use_ca then destroys the libca context it used
         ioc.start()
         use_ca(ioc.env)
         assert caget(ioc, "WF2:Name") == "long"  # settings restored
