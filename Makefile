@@ -21,7 +21,7 @@ server: $(STAMP)  ## run the embedded DM service alone
 
 test: $(STAMP)  ## lint, then every test (the slow and render ones included), on two workers
 	$(BIN)/ruff check ioc ophyd_devices tests bench
-	$(BIN)/python -m pytest -n 2 --dist loadgroup $(ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --max-worker-restart 0 $(ARGS)
 
 bench: $(STAMP)  ## benchmarks, printed as ratios against references run alongside
 	$(BIN)/pip install --quiet -e '.[bench]'
