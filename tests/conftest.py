@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _pytest.nodeid import coerce_node_id
 
 BIN = Path(sys.executable).parent
 READY_TIMEOUT = 60.0
@@ -118,10 +119,23 @@ class DmServer:
         return DmClient(DmConfig.from_env({}, setup_file=str(self.setup_file)))
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Grouped tests first (the load group, whose 10-minute soak is the longest test), so with
-    two workers the soak starts at once and the rest of the suite runs beside it."""
+    two workers the soak starts at once and the rest of the suite runs beside it; and the
+    group made to hold.
+
+    pytest-xdist 3.8's ``--dist loadgroup`` (after the other hooks, so ``trylast``) tags a
+    grouped test as ``<nodeid>@<group>`` by setting ``item._nodeid``, but pytest 9.2 reads
+    ``Node.nodeid`` from ``Node._id``: the tag was lost and every grouped test ran beside
+    the others. The tag is moved to where pytest reads it; tests/test_suite_grouping.py
+    fails if either side changes shape.
+    """
     items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)
+    for item in items:
+        tagged = item.__dict__.get("_nodeid")
+        if tagged and tagged != item.nodeid:
+            item._id = coerce_node_id(tagged)
 
 
 _CHILD_ENV = "APSDM_TEST_CHILD"
