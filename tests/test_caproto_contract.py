@@ -35,6 +35,15 @@ def test_caproto_is_the_pinned_minor_release() -> None:
     assert version("caproto").startswith("1.3."), "ca.py was checked against caproto 1.3"
 
 
+def test_the_update_batching_limit_is_still_the_global_caproto_reads() -> None:
+    """ca.py caps how long caproto gathers updates by setting caproto's module global; its
+    send loop (in CAPROTO_CONTRACT) must still read that global for the cap to hold."""
+    from caproto.server import common
+
+    loop = inspect.getsource(common.VirtualCircuit.subscription_queue_loop)
+    assert common.MAX_LATENCY == 0.02 and "min(MAX_LATENCY, latency_limit * 2)" in loop
+
+
 def test_received_bytes_are_offered_to_the_circuit_before_caproto_reads_them() -> None:
     """The CA layer's get fast path (ca._CaReader) rests on asyncio's stream protocol
     handing each received chunk to its reader's feed_data, and on the reader's _buffer."""

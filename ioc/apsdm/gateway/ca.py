@@ -57,6 +57,7 @@ from caproto._headers import EventAddResponseHeader
 from caproto._status import ensure_eca_value
 from caproto.asyncio.server import AsyncioEvent, Context, VirtualCircuit
 from caproto.asyncio.utils import _TransportWrapper
+from caproto.server import common as caproto_server_common
 from caproto.server.common import DisconnectedCircuit
 
 from .db_template import PREC, RECORD_TYPES
@@ -438,17 +439,17 @@ def _channel(pv: PV, hub: Hub) -> Any:
 # Upstream: none of the caproto 1.3.0 bugs worked around here (each named at its override:
 # ECA_INTERNAL for a failed conversion, CTRL_STRING in the TIME_STRING layout, WRITE/MAJOR
 # on any refused put, sent updates kept, a disconnect ending the update loop, a closed
-# circuit never released, no TCP_NODELAY, a monitor's mask ignored; and in _RsrvReads: 0
-# where EPICS 7 sends NaN alarm limits, text starting with a number refused as a number,
-# an array read for more elements than it holds sent short, DBF_STRING's .VAL$ 81 elements
-# long) has an issue in caproto's tracker as of 2026-12-03; each is to be reported. Nor
-# have the costs per request that the overrides below avoid (issue 12, Speed): a task and
-# a timer per get for a write-lock wait that is nearly always free, each get converted
-# anew, each monitor update encoded, checked and run through the circuit's state machine
-# once per subscriber, a wait_for per queued update, a turn of the event loop, a task
-# switch, a parse and a queue per get, a task, two passes of the state machine and a
-# response object per write, and each value shown run through write's hooks, a loop over
-# ten metadata keywords and an unchanged alarm.
+# circuit never released, no TCP_NODELAY, a monitor's mask ignored, updates held up to 1 s
+# under a stream; and in _RsrvReads: 0 where EPICS 7 sends NaN alarm limits, text starting
+# with a number refused as a number, an array read for more elements than it holds sent
+# short, DBF_STRING's .VAL$ 81 elements long) has an issue in caproto's tracker as of
+# 2026-12-03; each is to be reported. Nor have the costs per request that the overrides
+# below avoid (issue 12, Speed): a task and a timer per get for a write-lock wait that is
+# nearly always free, each get converted anew, each monitor update encoded, checked and run
+# through the circuit's state machine once per subscriber, a wait_for per queued update, a
+# turn of the event loop, a task switch, a parse and a queue per get, a task, two passes
+# of the state machine and a response object per write, and each value shown run through
+# write's hooks, a loop over ten metadata keywords and an unchanged alarm.
 CAPROTO_CONTRACT = {
     "caproto.server.common.VirtualCircuit._process_command": "89a0a95c53667d18",
     "caproto.server.common.VirtualCircuit.command_queue_loop": "8c2d5e3a641ad40b",
@@ -683,11 +684,15 @@ class _ReleasingCircuit(VirtualCircuit):
         """caproto's wait for the next update. When a client leaves abruptly, the cancel of
         this wait can be lost (seen: the task 'cancelling' yet waiting again), and the
         closing command loop then awaits it forever: the circuit, its channels and held
-        updates stay (about 0.6 MB per client). So the wait also ends once closed."""
+        updates stay (about 0.6 MB per client). So the wait also ends once closed.
+
+        With a timeout, caproto asks whether more updates come to send with those it has
+        gathered, and waits 10 ms (``HIGH_LOAD_TIMEOUT``): the last updates of every burst
+        then reach the client 10 ms late. 2 ms still batches a stream of updates."""
         if not self.subscription_queue.empty():  # no wait (caproto's makes a task and a timer)
             return self.subscription_queue.get_nowait()
         if timeout is not None:
-            return await super().get_from_sub_queue(timeout)
+            return await super().get_from_sub_queue(min(timeout, _BATCH_QUIET))
         while self.connected:
             ref = await super().get_from_sub_queue(1.0)
             if ref is not None:
@@ -750,6 +755,12 @@ class _Update(EventAddResponse, register=False):
 
 
 _ECA_NORMAL = ensure_eca_value(CAStatus.ECA_NORMAL)
+_BATCH_QUIET = 0.002  # s without a new update after which gathered updates are sent
+# caproto's send loop doubles how long it gathers a client's updates with each batch sent
+# while they keep coming, up to MAX_LATENCY (1 s): under a steady stream (a scan's puts,
+# readbacks at 100 Hz) monitors then got their updates up to a second late, where an EPICS
+# IOC sends them at once. Gather for at most 20 ms (its loop reads the module's global).
+caproto_server_common.MAX_LATENCY = 0.02
 _HEADER = struct.Struct(">HHHHII")  # command, payload size, data type, count, 2 parameters
 _READ_NOTIFY = ReadNotifyRequest.ID
 
@@ -874,4 +885,3 @@ class CaServer:
         if pv.field.kind in (Kind.ENUM, Kind.BUSY):
             value = pv.field.enums[int(value)]
         await chan.show(value, alarm, timestamp)
-
