@@ -251,6 +251,12 @@ class Ioc:
         return (self.data_root / "ioc.log").read_text()
 
 
+#: the libca contexts use_ca made, each destroyed when the next replaces it; the process's
+#: first context is not among them and stays: ophyd's callback threads attached to it when
+#: ophyd was imported, and would call into it freed
+_MADE_CONTEXTS: set[int] = set()
+
+
 def use_ca(env: dict[str, str]) -> None:
     """Point pyepics (libca, one context per process) at this test's IOC, on a new libca
     context: libca reads the address list when a context makes its first channel."""
@@ -267,10 +273,11 @@ def use_ca(env: dict[str, str]) -> None:
                 obj.disconnect()
     old = epics.ca.current_context() if epics.ca.libca else None
     epics.ca.clear_cache()  # clears every channel, then detaches the old context for a new one
-    if old:
+    if old in _MADE_CONTEXTS:
         # pyepics only detaches the old context: left alive, each kept its threads and its
         # searches for an IOC long gone, and a worker that had run a hundred IOC tests
-        # crashed inside libca now and then; none is used again, so it is destroyed
+        # crashed inside libca now and then; no thread uses it again, so it is destroyed
+        _MADE_CONTEXTS.discard(old)
         fresh = epics.ca.current_context()
         epics.ca.detach_context()
         epics.ca.attach_context(old)
@@ -278,6 +285,7 @@ def use_ca(env: dict[str, str]) -> None:
         epics.ca.attach_context(fresh)
     os.environ.update(env)
     epics.ca.initialize_libca()
+    _MADE_CONTEXTS.add(epics.ca.current_context())
 
 
 def make_ioc(tmp_path: Path, *extra: str, any_ports: bool = False) -> Ioc:
