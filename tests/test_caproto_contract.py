@@ -11,7 +11,7 @@ from importlib.metadata import version
 
 import pytest
 
-from apsdm.gateway.ca import CAPROTO_CONTRACT
+from apsdm.gateway.ca import BATCH_LONGEST, CAPROTO_CONTRACT
 
 
 def _upstream(path: str) -> object:
@@ -41,7 +41,7 @@ def test_the_update_batching_limit_is_still_the_global_caproto_reads() -> None:
     from caproto.server import common
 
     loop = inspect.getsource(common.VirtualCircuit.subscription_queue_loop)
-    assert common.MAX_LATENCY == 0.02 and "min(MAX_LATENCY, latency_limit * 2)" in loop
+    assert common.MAX_LATENCY == BATCH_LONGEST and "min(MAX_LATENCY, latency_limit * 2)" in loop
 
 
 def test_received_bytes_are_offered_to_the_circuit_before_caproto_reads_them() -> None:

@@ -760,7 +760,8 @@ _BATCH_QUIET = 0.002  # s without a new update after which gathered updates are 
 # while they keep coming, up to MAX_LATENCY (1 s): under a steady stream (a scan's puts,
 # readbacks at 100 Hz) monitors then got their updates up to a second late, where an EPICS
 # IOC sends them at once. Gather for at most 20 ms (its loop reads the module's global).
-caproto_server_common.MAX_LATENCY = 0.02
+BATCH_LONGEST = 0.02
+caproto_server_common.MAX_LATENCY = BATCH_LONGEST
 _HEADER = struct.Struct(">HHHHII")  # command, payload size, data type, count, 2 parameters
 _READ_NOTIFY = ReadNotifyRequest.ID
 
