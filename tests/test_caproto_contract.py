@@ -7,7 +7,10 @@ import asyncio
 import hashlib
 import importlib
 import inspect
+from collections import defaultdict, deque
 from importlib.metadata import version
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -70,3 +73,91 @@ async def _offer_three_chunks() -> None:
     assert len(offered) == 2
     protocol.eof_received()
     assert await reader.read(100) == b""
+
+
+class _Wire:
+    """A circuit's client end that keeps what caproto's send loop writes to it; ``gone``:
+    the client left (a send fails as on a reset socket), ``stuck``: a send never ends."""
+
+    def __init__(self, gone: bool = False, stuck: bool = False) -> None:
+        from apsdm.gateway.ca import _CaReader
+
+        self.reader, self.sent = _CaReader(), asyncio.Queue[bytes]()
+        self.gone, self.stuck = gone, stuck
+
+    def getsockname(self) -> tuple[str, int]:
+        return "127.0.0.1", 5064
+
+    async def send(self, data: bytes) -> None:
+        if self.gone:
+            raise ConnectionResetError("reset by peer")
+        if self.stuck:
+            await asyncio.Event().wait()
+        self.sent.put_nowait(data)
+
+    def close(self) -> None:
+        self.gone = True
+
+
+class _Spec:
+    """A subscription spec, as caproto's circuit uses it when it closes."""
+
+    def __init__(self) -> None:
+        self.db_entry = SimpleNamespace(max_subscription_backlog=1000, unsubscribe=self.unsubscribe)
+
+    async def unsubscribe(self, queue: object, spec: object) -> None:
+        pass
+
+
+async def _monitored_circuit(wire: _Wire, updates: int) -> Any:
+    """A CA layer circuit over ``wire`` with one subscription, ``updates`` monitor updates
+    of a short text (48 bytes each) lined up, and caproto's send loop running."""
+    import caproto
+    from caproto import ChannelType
+    from caproto._commands import data_payload
+
+    from apsdm.gateway.ca import _ReleasingCircuit, _Update
+
+    closed: list[object] = []
+
+    async def circuit_disconnected(circuit: object) -> None:
+        closed.append(circuit)
+
+    context = SimpleNamespace(subscription_queue=asyncio.Queue(), subscriptions=defaultdict(deque),
+                              circuit_disconnected=circuit_disconnected, closed=closed)
+    circuit = _ReleasingCircuit(caproto.VirtualCircuit(caproto.SERVER, ("127.0.0.1", 1), None),
+                                wire, context)
+    spec = _Spec()
+    sub = SimpleNamespace(subscriptionid=7, db_entry=spec.db_entry)
+    circuit.subscriptions[spec].append(sub)
+    context.subscriptions[spec].append(sub)
+    circuit.circuit.event_add_commands[7] = None
+    text = b'{"m": 1234}\0'
+    for _ in range(updates):
+        size, *buffers = data_payload(text, caproto.DBR_TYPES[ChannelType.TIME_CHAR](),
+                                      ChannelType.TIME_CHAR, len(text))
+        await circuit.line_up(spec, sub, _Update(size, buffers, ChannelType.TIME_CHAR, len(text), 7))
+    circuit._sub_task = circuit.tasks.create(circuit.subscription_queue_loop())
+    return circuit
+
+
+@pytest.mark.parametrize("found_by", ["update loop", "command loop"])
+def test_a_client_gone_mid_send_releases_its_circuit(found_by: str) -> None:
+    """A client that leaves while its updates are being sent: found by the update loop (its
+    send fails) or by the command loop (end of stream) while a send hangs. caproto's close
+    cancelled and awaited the update loop from within it, or re-raised that loop's
+    CancelledError in the command loop: the circuit stayed, held by its socket's reader."""
+    asyncio.run(_gone_mid_send(found_by))
+
+
+async def _gone_mid_send(found_by: str) -> None:
+    wire = _Wire(gone=found_by == "update loop", stuck=found_by == "command loop")
+    circuit = await _monitored_circuit(wire, 50)
+    loop = circuit._sub_task
+    if found_by == "update loop":
+        await asyncio.wait_for(asyncio.wait([loop]), 5)
+        assert circuit.context.closed == [circuit]
+    await asyncio.sleep(0.05)  # the command loop's turn: its receive ends
+    await asyncio.wait_for(circuit._on_disconnect(), 5)  # raises nothing
+    assert loop.done() and circuit.client.reader.answer is None
+    assert not circuit.connected and circuit.subscription_queue.empty()
