@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from apsdm.gateway.ca import BATCH_LONGEST, CAPROTO_CONTRACT
+from apsdm.gateway.ca import BATCH_LONGEST, CAPROTO_CONTRACT, WORTH_A_PACKET
 
 
 def _upstream(path: str) -> object:
@@ -139,6 +139,37 @@ async def _monitored_circuit(wire: _Wire, updates: int) -> Any:
         await circuit.line_up(spec, sub, _Update(size, buffers, ChannelType.TIME_CHAR, len(text), 7))
     circuit._sub_task = circuit.tasks.create(circuit.subscription_queue_loop())
     return circuit
+
+
+async def _updates_sent(count: int) -> list[bytes]:
+    """What caproto's send loop writes within 0.2 s of ``count`` updates lined up."""
+    wire = _Wire()
+    circuit = await _monitored_circuit(wire, count)
+    sent: list[bytes] = []
+    try:
+        while True:
+            sent.append(await asyncio.wait_for(wire.sent.get(), 0.2))
+    except TimeoutError:
+        return sent
+    finally:
+        circuit._sub_task.cancel()
+
+
+@pytest.mark.parametrize(("count", "at_once"), [(50, 50 * 48), (1, 0), (WORTH_A_PACKET // 48, 0)])
+def test_a_burst_worth_a_packet_is_sent_when_it_ends(monkeypatch: pytest.MonkeyPatch, count: int,
+                                                     at_once: int) -> None:
+    """The CA layer ends caproto's gathering of updates (None from get_from_sub_queue) once
+    WORTH_A_PACKET bytes are gathered and no more are queued; fewer wait for company (50
+    monitors of one PV, against one monitor or a few). caproto's loop must send on that None.
+    Quiet and first gathering time are 30 s here, so only that rule sends within 0.2 s."""
+    from caproto.server import common
+
+    from apsdm.gateway import ca
+
+    monkeypatch.setattr(common, "HIGH_LOAD_TIMEOUT", 30.0)
+    monkeypatch.setattr(ca, "_BATCH_QUIET", 30.0)
+    sent = asyncio.run(_updates_sent(count))
+    assert sum(map(len, sent)) == at_once, sent
 
 
 @pytest.mark.parametrize("found_by", ["update loop", "command loop"])
