@@ -84,11 +84,13 @@ class _Wire:
 
         self.reader, self.sent = _CaReader(), asyncio.Queue[bytes]()
         self.gone, self.stuck = gone, stuck
+        self.sends = 0  # begun
 
     def getsockname(self) -> tuple[str, int]:
         return "127.0.0.1", 5064
 
     async def send(self, data: bytes) -> None:
+        self.sends += 1
         if self.gone:
             raise ConnectionResetError("reset by peer")
         if self.stuck:
@@ -189,6 +191,7 @@ async def _gone_mid_send(found_by: str) -> None:
         await asyncio.wait_for(asyncio.wait([loop]), 5)
         assert circuit.context.closed == [circuit]
     await asyncio.sleep(0.05)  # the command loop's turn: its receive ends
+    assert wire.sends == 1  # while the update loop was in its send
     await asyncio.wait_for(circuit._on_disconnect(), 5)  # raises nothing
     assert loop.done() and circuit.client.reader.answer is None
     assert not circuit.connected and circuit.subscription_queue.empty()

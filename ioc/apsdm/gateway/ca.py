@@ -748,7 +748,7 @@ class _ReleasingCircuit(VirtualCircuit):
         kept the circuit, about 30 kB per client that left (caproto 1.3 bug, to report
         upstream). Here the loop is cancelled by another task only, and its end awaited
         without its error."""
-        loop, self._sub_task = self._sub_task, None  # so caproto's own cancel is skipped
+        update_loop, self._sub_task = self._sub_task, None  # so caproto's cancel is skipped
         await super()._on_disconnect()
         self.client.reader.answer = None
         # nothing sends this queue any more: empty it, so an update being queued (the
@@ -756,9 +756,9 @@ class _ReleasingCircuit(VirtualCircuit):
         self.unexpired_updates.clear()
         while not self.subscription_queue.empty():
             self.subscription_queue.get_nowait()
-        if loop is not None and loop is not asyncio.current_task():
-            loop.cancel()
-            await asyncio.wait([loop])  # its end, without raising its CancelledError here
+        if update_loop is not None and update_loop is not asyncio.current_task():
+            update_loop.cancel()
+            await asyncio.wait([update_loop])  # its end, without raising its CancelledError
 
 
 class _Update(EventAddResponse, register=False):
