@@ -192,13 +192,13 @@ os._exit(0)
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 # it measures the IOC's memory: with the load tests, never beside the 10-minute soak (beside
 # it RSS rose some 18 MB over 448 clients; in-process, the IOC's Python objects stayed flat)
 @pytest.mark.xdist_group("load")
 def test_short_lived_ca_clients_leave_memory_flat(ioc: Ioc) -> None:
     """caproto 1.3 kept about 0.6 MB per client that left abruptly (see
-    ``get_from_sub_queue`` in ca.py); 512 such clients, four at a time."""
+    ``get_from_sub_queue`` in ca.py); 1,024 such clients, four at a time."""
     assert ioc.proc is not None
     process = psutil.Process(ioc.proc.pid)
     names = [pv.name for pv in build(Layout(ioc.prefix)) if not pv.field.pva_only]
@@ -208,7 +208,7 @@ def test_short_lived_ca_clients_leave_memory_flat(ioc: Ioc) -> None:
         return sum(c.laddr.port == ioc.ca_port and c.status == "ESTABLISHED"
                    for c in process.net_connections("tcp"))
     before = circuits()  # the test's own, if any
-    for clients in range(4, 513, 4):
+    for clients in range(4, 1025, 4):
         children = [subprocess.Popen([sys.executable, "-c", CHURN, *names], env={**ioc.env, "PATH": ""},
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                     for _ in range(4)]
@@ -224,4 +224,4 @@ def test_short_lived_ca_clients_leave_memory_flat(ioc: Ioc) -> None:
             rss[clients] = round(process.memory_info().rss / 1e6, 1)
     print(f"IOC RSS (MB) by short-lived CA clients: {rss}")
     assert rss[256] - rss[64] <= 10, rss
-    assert rss[512] - rss[256] <= 10, rss
+    assert rss[1024] - rss[256] <= 10, rss  # and flat past the 1,000th
