@@ -111,9 +111,10 @@ class _Spec:
         pass
 
 
-async def _monitored_circuit(wire: _Wire, updates: int) -> Any:
+async def _monitored_circuit(wire: _Wire, updates: int, later: int = 0) -> Any:
     """A CA layer circuit over ``wire`` with one subscription, ``updates`` monitor updates
-    of a short text (48 bytes each) lined up, and caproto's send loop running."""
+    of a short text (48 bytes each) lined up, and caproto's send loop running; ``later``
+    more updates are lined up once the loop waits for them."""
     import caproto
     from caproto import ChannelType
     from caproto._commands import data_payload
@@ -135,18 +136,26 @@ async def _monitored_circuit(wire: _Wire, updates: int) -> Any:
     context.subscriptions[spec].append(sub)
     circuit.circuit.event_add_commands[7] = None
     text = b'{"m": 1234}\0'
-    for _ in range(updates):
-        size, *buffers = data_payload(text, caproto.DBR_TYPES[ChannelType.TIME_CHAR](),
-                                      ChannelType.TIME_CHAR, len(text))
-        await circuit.line_up(spec, sub, _Update(size, buffers, ChannelType.TIME_CHAR, len(text), 7))
+
+    async def line_up(count: int) -> None:
+        for _ in range(count):
+            size, *buffers = data_payload(text, caproto.DBR_TYPES[ChannelType.TIME_CHAR](),
+                                          ChannelType.TIME_CHAR, len(text))
+            await circuit.line_up(spec, sub, _Update(size, buffers, ChannelType.TIME_CHAR,
+                                                     len(text), 7))
+    await line_up(updates)
     circuit._sub_task = circuit.tasks.create(circuit.subscription_queue_loop())
+    if later:
+        await asyncio.sleep(0.01)  # the loop takes what was lined up and waits
+        await line_up(later)
     return circuit
 
 
-async def _updates_sent(count: int) -> list[bytes]:
-    """What caproto's send loop writes within 0.2 s of ``count`` updates lined up."""
+async def _updates_sent(count: int, later: int) -> list[bytes]:
+    """What caproto's send loop writes within 0.2 s of ``count`` updates lined up (and
+    ``later`` more while it waits)."""
     wire = _Wire()
-    circuit = await _monitored_circuit(wire, count)
+    circuit = await _monitored_circuit(wire, count, later)
     sent: list[bytes] = []
     try:
         while True:
@@ -157,9 +166,15 @@ async def _updates_sent(count: int) -> list[bytes]:
         circuit._sub_task.cancel()
 
 
-@pytest.mark.parametrize(("count", "at_once"), [(50, 50 * 48), (1, 0), (WORTH_A_PACKET // 48, 0)])
+_BELOW = WORTH_A_PACKET // 48  # updates of 48 bytes: one more is a packet's worth
+
+
+@pytest.mark.parametrize(("count", "later", "at_once"), [
+    (50, 0, 50 * 48), (1, 0, 0), (_BELOW, 0, 0),
+    (0, _BELOW + 1, (_BELOW + 1) * 48),  # the first one taken by a wait counts too
+])
 def test_a_burst_worth_a_packet_is_sent_when_it_ends(monkeypatch: pytest.MonkeyPatch, count: int,
-                                                     at_once: int) -> None:
+                                                     later: int, at_once: int) -> None:
     """The CA layer ends caproto's gathering of updates (None from get_from_sub_queue) once
     WORTH_A_PACKET bytes are gathered and no more are queued; fewer wait for company (50
     monitors of one PV, against one monitor or a few). caproto's loop must send on that None.
@@ -170,7 +185,7 @@ def test_a_burst_worth_a_packet_is_sent_when_it_ends(monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(common, "HIGH_LOAD_TIMEOUT", 30.0)
     monkeypatch.setattr(ca, "_BATCH_QUIET", 30.0)
-    sent = asyncio.run(_updates_sent(count))
+    sent = asyncio.run(_updates_sent(count, later))
     assert sum(map(len, sent)) == at_once, sent
 
 

@@ -695,18 +695,19 @@ class _ReleasingCircuit(VirtualCircuit):
         puts that each post one small update does not cost a socket write per put."""
         if not self.subscription_queue.empty():  # no wait (caproto's makes a task and a timer)
             ref = self.subscription_queue.get_nowait()
-            if (update := ref()) is not None:
-                self._gathered += len(update)
-            return ref
-        if timeout is not None:
+        elif timeout is not None:
             if self._gathered >= WORTH_A_PACKET:
                 return None
-            return await super().get_from_sub_queue(min(timeout, _BATCH_QUIET))
-        while self.connected:
-            ref = await super().get_from_sub_queue(1.0)
-            if ref is not None:
-                return ref
-        raise asyncio.CancelledError  # caproto's loop ends on it
+            ref = await super().get_from_sub_queue(min(timeout, _BATCH_QUIET))
+        else:
+            ref = None
+            while ref is None:
+                if not self.connected:
+                    raise asyncio.CancelledError  # caproto's loop ends on it
+                ref = await super().get_from_sub_queue(1.0)
+        if ref is not None and (update := ref()) is not None:
+            self._gathered += len(update)
+        return ref
 
     async def send(self, *commands: Any) -> None:
         """caproto's send, but cached answers (bytes) and monitor updates go straight to
