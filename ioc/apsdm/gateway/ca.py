@@ -718,9 +718,10 @@ class _ReleasingCircuit(VirtualCircuit):
             await self._send_raw(*commands)
             return
         known = self.circuit.event_add_commands
-        if all(isinstance(c, EventAddResponse) for c in commands):  # the update loop's batch
+        updates = all(isinstance(c, EventAddResponse) for c in commands)  # the update loop's
+        if updates:
             self._gathered = 0
-        if all(isinstance(c, EventAddResponse) and c.subscriptionid in known for c in commands):
+        if updates and all(c.subscriptionid in known for c in commands):
             await self._send_raw(*[b for c in commands for b in (memoryview(c.header), *c.buffers)])
         else:
             await super().send(*commands)
